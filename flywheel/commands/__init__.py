@@ -1,0 +1,1 @@
+"""One module per ``flywheel`` subcommand: argument parsing and process wiring only."""

@@ -1,0 +1,128 @@
+"""Wire a process to its services from the settings: Kafka, Postgres, registry, serde, topics.
+
+Every Flywheel process calls :func:`connect` once at start. External services are used when
+configured (``FLYWHEEL_KAFKA_BOOTSTRAP``, ``FLYWHEEL_DATABASE_URL``,
+``FLYWHEEL_SCHEMA_REGISTRY_URL``); otherwise the local broker and embedded Postgres under
+``FLYWHEEL_HOME`` (started by ``flywheel up``, ``flywheel kafka start`` / ``flywheel db start``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+from aiokafka.admin import AIOKafkaAdminClient
+
+from core.catalog import CATALOG
+from core.errors import RetriableError
+from flywheel.db import create_pool, migrate
+from flywheel.embedded_pg import EmbeddedPostgres
+from flywheel.localkafka import LocalKafka
+from flywheel.settings import Settings
+from streams.kafka import BrokerCapabilities, KafkaConfig, probe_capabilities
+from streams.registry import ConfluentRegistry, PostgresRegistry, SchemaRegistry
+from streams.schemas import load_contracts
+from streams.serde import AvroSerde
+from streams.topics import TopicCatalog, ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+def kafka_config(settings: Settings, client_id: str = "flywheel") -> KafkaConfig:
+    bootstrap = settings.kafka_bootstrap
+    if not bootstrap:
+        state = LocalKafka(settings.home, settings.kafka_port, settings.kafka_controller_port).read_state()
+        bootstrap = state.bootstrap if state else f"127.0.0.1:{settings.kafka_port}"
+    return KafkaConfig(
+        bootstrap=bootstrap,
+        security_protocol=settings.kafka_security_protocol,
+        sasl_mechanism=settings.kafka_sasl_mechanism,
+        sasl_username=settings.kafka_sasl_username,
+        sasl_password=settings.kafka_sasl_password,
+        ssl_cafile=settings.kafka_ssl_cafile,
+        ssl_certfile=settings.kafka_ssl_certfile,
+        ssl_keyfile=settings.kafka_ssl_keyfile,
+        ssl_check_hostname=settings.kafka_ssl_check_hostname,
+        client_id=client_id,
+    )
+
+
+def database_url(settings: Settings) -> str:
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    return EmbeddedPostgres(settings.home, settings.postgres_port).url
+
+
+def topic_catalog(settings: Settings) -> TopicCatalog:
+    return TopicCatalog(prefix=settings.topic_prefix, partitions=settings.topic_partitions,
+                        models=tuple(CATALOG))
+
+
+@dataclass
+class Services:
+    """A process's connections. ``close()`` releases them."""
+
+    settings: Settings
+    kafka: KafkaConfig
+    capabilities: BrokerCapabilities
+    pool: asyncpg.Pool
+    registry: SchemaRegistry
+    serde: AvroSerde
+    catalog: TopicCatalog
+
+    async def close(self) -> None:
+        await self.registry.close()
+        await self.pool.close()
+
+
+async def _retry(what: str, attempt: object, timeout_s: float) -> object:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    delay = 0.2
+    while True:
+        try:
+            return await attempt()  # type: ignore[operator]
+        except RetriableError as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            log.info("%s not ready (%s); retrying in %.1fs", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def connect(settings: Settings, client_id: str, *, run_migrations: bool = False,
+                  create_topics: bool = False, timeout_s: float = 60.0) -> Services:
+    """Connect to Kafka and Postgres (retrying while they come up), bind every topic's schema."""
+    kafka = kafka_config(settings, client_id)
+    caps: BrokerCapabilities = await _retry(  # type: ignore[assignment]
+        "Kafka", lambda: probe_capabilities(kafka), timeout_s)
+    pool: asyncpg.Pool = await _retry(  # type: ignore[assignment]
+        "Postgres", lambda: create_pool(database_url(settings)), timeout_s)
+    if run_migrations:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        # Re-create the pool so every connection registers the pgvector type the migrations added.
+        await pool.close()
+        pool = await create_pool(database_url(settings))
+    registry: SchemaRegistry
+    if settings.schema_registry_url:
+        password = settings.schema_registry_password
+        registry = ConfluentRegistry(settings.schema_registry_url, settings.schema_registry_username,
+                                     password.get_secret_value() if password else None)
+    else:
+        registry = PostgresRegistry(pool)
+    catalog = topic_catalog(settings)
+    if create_topics:
+        admin = AIOKafkaAdminClient(**kafka.client_kwargs())
+        await admin.start()
+        try:
+            await ensure_topics(admin, catalog.specs(), settings.replication_factor,
+                                supports_configs=True)
+        finally:
+            await admin.close()
+    serde = AvroSerde(registry)
+    contracts = load_contracts()
+    for spec in catalog.specs():
+        await serde.bind(spec.name, contracts[spec.contract])
+    return Services(settings, kafka, caps, pool, registry, serde, catalog)

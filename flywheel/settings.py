@@ -1,0 +1,72 @@
+"""The one settings object: every process reads its environment here, once, at its entry point.
+
+All variables carry the ``FLYWHEEL_`` prefix (``FLYWHEEL_KAFKA_BOOTSTRAP``,
+``FLYWHEEL_DATABASE_URL``, ...). Secrets are ``SecretStr`` so they never appear in logs or
+reprs. Deeper code receives small frozen configs derived from this object, never the object
+itself.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")
+
+    # --- where local state lives (embedded Kafka and Postgres data, artifacts, jar cache)
+    home: Path = Field(default=Path(".flywheel"), description="local state directory")
+
+    # --- Kafka
+    kafka_bootstrap: str | None = Field(
+        default=None, description="bootstrap servers of an external cluster; unset = the local broker"
+    )
+    kafka_broker: Literal["apache", "tansu", "auto"] = "auto"
+    kafka_port: int = 19092
+    kafka_controller_port: int = 19093
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_check_hostname: bool = True
+    topic_prefix: str = Field(default="", description="prefix for every topic name (replays, tests)")
+    topic_partitions: int = 3
+    replication_factor: int = 1
+
+    # --- Schema registry: unset = the embedded registry kept in Postgres
+    schema_registry_url: str | None = None
+    schema_registry_username: str | None = None
+    schema_registry_password: SecretStr | None = None
+
+    # --- Postgres: unset = the embedded server under ``home``
+    database_url: SecretStr | None = None
+    postgres_port: int = 15432
+
+    # --- Observability
+    otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP traces endpoint")
+    metrics_port: int = Field(default=0, description="Prometheus port; 0 = pick a free one")
+    log_level: str = "INFO"
+
+    # --- Gateway
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    max_prompt_chars: int = 32_000
+    max_tokens_limit: int = 1024
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "artifacts"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once."""
+    return Settings()

@@ -1,0 +1,64 @@
+"""Dead-letter publishing: a record a stage cannot process becomes a DeadLetter event with the
+original bytes, origin topic/partition/offset and the reason; then the stage moves on.
+
+The DeadLetter is produced and acknowledged *before* the stage commits past the bad record's
+offset, so a bad record is never lost, only moved.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import Counter
+
+from streams.events import envelope
+from streams.kafka import EventProducer
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTERS = Counter("flywheel_dead_letters_total", "Records sent to a dead-letter topic",
+                       ["stage", "origin_topic", "error_type"])
+
+
+def dead_letter_event(*, stage: str, topic: str, partition: int, offset: int, key: bytes | None,
+                      value: bytes | None, headers: list[tuple[str, bytes | None]] | None,
+                      reason: str, error_type: str, correlation_id: str = "", tenant_id: str = "",
+                      user_id: str = "", attempts: int = 1) -> dict[str, Any]:
+    return {
+        **envelope(correlation_id, tenant_id, user_id),
+        "stage": stage,
+        "origin_topic": topic,
+        "origin_partition": partition,
+        "origin_offset": offset,
+        "origin_key": key,
+        "origin_value": value,
+        "origin_headers": [{"key": k, "value": v} for k, v in (headers or [])],
+        "reason": reason[:4000],
+        "error_type": error_type,
+        "attempts": attempts,
+    }
+
+
+class DeadLetters:
+    """Publishes one stage's dead letters to ``flywheel.dlq.<stage>``."""
+
+    def __init__(self, producer: EventProducer, topic: str, stage: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.stage = stage
+
+    async def publish(self, *, topic: str, partition: int, offset: int, key: bytes | None,
+                      value: bytes | None, headers: list[tuple[str, bytes | None]] | None,
+                      error: Exception, event: dict[str, Any] | None = None) -> None:
+        reason = getattr(error, "reason", None) or str(error) or type(error).__name__
+        record = dead_letter_event(
+            stage=self.stage, topic=topic, partition=partition, offset=offset, key=key, value=value,
+            headers=headers, reason=reason, error_type=type(error).__name__,
+            correlation_id=str((event or {}).get("correlation_id", "")),
+            tenant_id=str((event or {}).get("tenant_id", "")),
+            user_id=str((event or {}).get("user_id", "")),
+        )
+        log.warning("dead letter from %s[%d]@%d (%s): %s", topic, partition, offset, self.stage, reason)
+        await self.producer.send_and_wait(self.topic, record, key=key)
+        DEAD_LETTERS.labels(self.stage, topic, type(error).__name__).inc()

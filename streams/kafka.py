@@ -1,0 +1,238 @@
+"""Kafka clients for Flywheel events: connection config, broker capabilities, producer, consumer.
+
+Thin wrappers over aiokafka that add our Avro serde, trace-context headers and typed errors.
+The same code runs on Apache Kafka (idempotent producer, transactions) and on the Tansu
+fallback (neither: at-least-once, and consumers dedupe by event id).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.helpers import create_ssl_context
+from aiokafka.protocol.admin import ApiVersionRequest_v0
+from pydantic import SecretStr
+
+from core.errors import DeadLetterError, RetriableError
+from streams.serde import AvroSerde
+from streams.tracing import inject_headers, producer_span
+
+log = logging.getLogger(__name__)
+
+END_TXN_API_KEY = 26
+INIT_PRODUCER_ID_API_KEY = 22
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Where and how to connect. Built from settings at the entry point."""
+
+    bootstrap: str
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = field(default=None, repr=False)
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_check_hostname: bool = True
+    client_id: str = "flywheel"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if "SSL" not in self.security_protocol:
+            return None
+        context = create_ssl_context(
+            cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
+            certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
+            keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
+        )
+        context.check_hostname = self.ssl_check_hostname
+        return context
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by aiokafka's producer, consumer and admin client."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap,
+            "security_protocol": self.security_protocol,
+            "client_id": self.client_id,
+        }
+        context = self.ssl_context()
+        if context is not None:
+            kwargs["ssl_context"] = context
+        if self.sasl_mechanism:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        return kwargs
+
+
+@dataclass(frozen=True)
+class BrokerCapabilities:
+    transactions: bool
+    idempotence: bool
+    api_versions: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
+
+    @property
+    def guarantee(self) -> str:
+        return "exactly-once (transactions)" if self.transactions else "at-least-once (dedupe by event id)"
+
+
+async def probe_capabilities(config: KafkaConfig) -> BrokerCapabilities:
+    """Ask the broker which APIs it serves.
+
+    Tansu 0.6 serves no EndTxn and answers aiokafka's InitProducerId v0 with an error, so a
+    broker without EndTxn is treated as having neither transactions nor idempotence.
+    """
+    client = AIOKafkaClient(**config.client_kwargs())
+    try:
+        await client.bootstrap()
+        node_id = next(iter(client.cluster.brokers())).nodeId
+        response = await client.send(node_id, ApiVersionRequest_v0())
+    except (KafkaConnectionError, KafkaError, OSError) as exc:
+        raise RetriableError(f"cannot reach Kafka at {config.bootstrap}: {exc}") from exc
+    finally:
+        await client.close()
+    versions = {key: (lo, hi) for key, lo, hi in response.api_versions}
+    has_txn = END_TXN_API_KEY in versions and INIT_PRODUCER_ID_API_KEY in versions
+    caps = BrokerCapabilities(transactions=has_txn, idempotence=has_txn, api_versions=versions)
+    if not has_txn:
+        log.warning("broker at %s has no transactions or idempotent producer: running at-least-once "
+                    "with deduplication by event id", config.bootstrap)
+    return caps
+
+
+def encode_key(key: str | bytes | None) -> bytes | None:
+    if key is None or isinstance(key, bytes):
+        return key
+    return key.encode()
+
+
+class EventProducer:
+    """Produce Avro events with trace context; idempotent where the broker supports it."""
+
+    def __init__(self, config: KafkaConfig, serde: AvroSerde, capabilities: BrokerCapabilities,
+                 transactional_id: str | None = None, linger_ms: int = 5, **extra: Any) -> None:
+        self.serde = serde
+        self.capabilities = capabilities
+        kwargs = config.client_kwargs()
+        kwargs.update(acks="all", linger_ms=linger_ms, max_batch_size=1 << 20, **extra)
+        if capabilities.idempotence:
+            kwargs["enable_idempotence"] = True
+        if transactional_id and capabilities.transactions:
+            kwargs["transactional_id"] = transactional_id
+        self.transactional = "transactional_id" in kwargs
+        self.raw = AIOKafkaProducer(**kwargs)
+
+    async def start(self) -> None:
+        try:
+            await self.raw.start()
+        except (KafkaConnectionError, OSError) as exc:
+            raise RetriableError(f"producer cannot connect: {exc}") from exc
+
+    async def stop(self) -> None:
+        await self.raw.stop()
+
+    def encode(self, topic: str, record: dict[str, Any]) -> bytes:
+        return self.serde.serialize(topic, record)
+
+    async def send(self, topic: str, record: dict[str, Any], key: str | bytes | None = None,
+                   headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> Any:
+        """Serialise, inject trace context and hand to the batcher; returns a future of the ack."""
+        value = self.serde.serialize(topic, record)
+        with producer_span(topic, {"messaging.message.id": record.get("event_id", "")}):
+            return await self.raw.send(topic, value, key=encode_key(key), partition=partition,
+                                       headers=inject_headers(headers))
+
+    async def send_and_wait(self, topic: str, record: dict[str, Any], key: str | bytes | None = None,
+                            headers: list[tuple[str, bytes]] | None = None) -> Any:
+        future = await self.send(topic, record, key, headers)
+        return await future
+
+    async def send_raw(self, topic: str, value: bytes | None, key: bytes | None = None,
+                       headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
+                       timestamp_ms: int | None = None) -> Any:
+        """Produce bytes as they are (replay, DLQ re-drive)."""
+        return await self.raw.send(topic, value, key=key, headers=headers or [], partition=partition,
+                                   timestamp_ms=timestamp_ms)
+
+
+@dataclass
+class Received:
+    """One consumed record: raw bytes and, if it decoded, the event."""
+
+    record: ConsumerRecord[bytes, bytes]
+    event: dict[str, Any] | None = None
+    schema_id: int | None = None
+    error: DeadLetterError | None = None
+
+    @property
+    def headers(self) -> list[tuple[str, bytes]]:
+        return list(self.record.headers or [])
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.record.topic, self.record.partition)
+
+
+class EventConsumer:
+    """Consume and decode events; undecodable records come back with ``error`` set (never raised)."""
+
+    def __init__(self, config: KafkaConfig, serde: AvroSerde, topics: list[str], group_id: str | None,
+                 capabilities: BrokerCapabilities | None = None, auto_offset_reset: str = "earliest",
+                 **extra: Any) -> None:
+        self.serde = serde
+        kwargs = config.client_kwargs()
+        kwargs.update(group_id=group_id, enable_auto_commit=False, auto_offset_reset=auto_offset_reset,
+                      **extra)
+        if capabilities is not None and capabilities.transactions:
+            kwargs.setdefault("isolation_level", "read_committed")
+        self.raw = AIOKafkaConsumer(*topics, **kwargs)
+        self.group_id = group_id
+
+    async def start(self) -> None:
+        try:
+            await self.raw.start()
+        except (KafkaConnectionError, OSError) as exc:
+            raise RetriableError(f"consumer cannot connect: {exc}") from exc
+
+    async def stop(self) -> None:
+        await self.raw.stop()
+
+    async def decode(self, record: ConsumerRecord[bytes, bytes]) -> Received:
+        try:
+            schema_id, event = await self.serde.deserialize(record.value)  # type: ignore[arg-type]
+            return Received(record, event, schema_id)
+        except DeadLetterError as exc:
+            return Received(record, error=exc)
+
+    async def batches(self, timeout_ms: int = 500, max_records: int = 500) -> AsyncIterator[list[Received]]:
+        """Yield decoded batches (possibly empty, so callers can do periodic work)."""
+        while True:
+            fetched = await self.raw.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            batch: list[Received] = []
+            for records in fetched.values():
+                for record in records:
+                    batch.append(await self.decode(record))
+            yield batch
+
+    async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        await self.raw.commit(offsets)
+
+
+def next_offsets(batch: list[Received]) -> dict[TopicPartition, int]:
+    """Offsets to commit after processing ``batch`` (last offset + 1 per partition)."""
+    out: dict[TopicPartition, int] = {}
+    for item in batch:
+        tp = item.tp
+        out[tp] = max(out.get(tp, 0), item.record.offset + 1)
+    return out

@@ -1,0 +1,1 @@
+"""Workers: inference (UELLM scheduling over torch or vLLM engines) and training processes."""
