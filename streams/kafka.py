@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.helpers import create_ssl_context
-from aiokafka.protocol.admin import ApiVersionRequest_v0
+from aiokafka.protocol.admin import ApiVersionRequest
 from pydantic import SecretStr
 
 from core.errors import DeadLetterError, RetriableError
@@ -97,7 +97,7 @@ async def probe_capabilities(config: KafkaConfig) -> BrokerCapabilities:
     try:
         await client.bootstrap()
         node_id = next(iter(client.cluster.brokers())).nodeId
-        response = await client.send(node_id, ApiVersionRequest_v0())
+        response = await client.send(node_id, ApiVersionRequest())
     except (KafkaConnectionError, KafkaError, OSError) as exc:
         raise RetriableError(f"cannot reach Kafka at {config.bootstrap}: {exc}") from exc
     finally:
@@ -235,4 +235,19 @@ def next_offsets(batch: list[Received]) -> dict[TopicPartition, int]:
     for item in batch:
         tp = item.tp
         out[tp] = max(out.get(tp, 0), item.record.offset + 1)
+    return out
+
+
+async def partitions_of(config: KafkaConfig, topics: list[str]) -> dict[str, list[int]]:
+    """Partition ids of each topic (KeyError naming the topics that do not exist)."""
+    client = AIOKafkaClient(**config.client_kwargs())
+    try:
+        await client.bootstrap()
+        cluster = await client.fetch_all_metadata()
+    finally:
+        await client.close()
+    out = {t: sorted(cluster.partitions_for_topic(t) or []) for t in topics}
+    missing = [t for t, parts in out.items() if not parts]
+    if missing:
+        raise KeyError(f"no such topics: {missing}")
     return out

@@ -208,3 +208,40 @@ class ConfluentRegistry(SchemaRegistry):
 
     async def close(self) -> None:
         await self.http.aclose()
+
+
+class InMemoryRegistry(SchemaRegistry):
+    """A registry in one process's memory, with the same compatibility rules (tests, tools)."""
+
+    def __init__(self, compatibility: Compatibility = Compatibility.BACKWARD) -> None:
+        super().__init__()
+        self._schemas: list[str] = []
+        self._subjects: dict[str, list[int]] = {}
+        self._config: dict[str, Compatibility] = {"": compatibility}
+
+    async def _register(self, subject: str, schema: str) -> int:
+        if schema in self._schemas:
+            schema_id = self._schemas.index(schema) + 1
+            if schema_id in self._subjects.get(subject, []):
+                return schema_id
+        problems = check_compatibility(schema, await self.versions(subject),
+                                       await self.get_compatibility(subject))
+        if problems:
+            raise IncompatibleSchemaError(subject, problems)
+        if schema not in self._schemas:
+            self._schemas.append(schema)
+        schema_id = self._schemas.index(schema) + 1
+        self._subjects.setdefault(subject, []).append(schema_id)
+        return schema_id
+
+    async def _fetch(self, schema_id: int) -> str | None:
+        return self._schemas[schema_id - 1] if 0 < schema_id <= len(self._schemas) else None
+
+    async def versions(self, subject: str) -> list[str]:
+        return [self._schemas[i - 1] for i in self._subjects.get(subject, [])]
+
+    async def get_compatibility(self, subject: str | None = None) -> Compatibility:
+        return self._config.get(subject or "", self._config[""])
+
+    async def set_compatibility(self, level: Compatibility, subject: str | None = None) -> None:
+        self._config[subject or ""] = level

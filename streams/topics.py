@@ -16,6 +16,7 @@ Every consuming stage has a dead-letter topic ``flywheel.dlq.<stage>``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field, replace
 
@@ -168,7 +169,21 @@ async def ensure_topics(admin: AIOKafkaAdminClient, specs: list[TopicSpec], repl
             raise FatalError(f"cannot create topic {name}: error {code} {message}")
     if created:
         log.info("created topics: %s", ", ".join(created))
+    await wait_for_topics(admin, [s.name for s in specs])
     return created
+
+
+async def wait_for_topics(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float = 30.0) -> None:
+    """Block until the broker's metadata lists every topic (KRaft propagates creation asynchronously)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        missing = set(names) - set(await admin.list_topics())
+        if not missing:
+            return
+        if loop.time() > deadline:
+            raise RetriableError(f"topics not visible after {timeout_s:.0f}s: {sorted(missing)}")
+        await asyncio.sleep(0.1)
 
 
 def _topic_errors(response: object) -> list[tuple[str, int, str | None]]:
