@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
@@ -28,6 +30,7 @@ from streams.serde import AvroSerde
 from streams.topics import TopicCatalog, ensure_topics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def kafka_config(settings: Settings, client_id: str = "flywheel") -> KafkaConfig:
@@ -77,12 +80,12 @@ class Services:
         await self.pool.close()
 
 
-async def _retry(what: str, attempt: object, timeout_s: float) -> object:
+async def _retry(what: str, attempt: Callable[[], Awaitable[T]], timeout_s: float) -> T:
     deadline = asyncio.get_running_loop().time() + timeout_s
     delay = 0.2
     while True:
         try:
-            return await attempt()  # type: ignore[operator]
+            return await attempt()
         except RetriableError as exc:
             if asyncio.get_running_loop().time() > deadline:
                 raise
@@ -95,10 +98,8 @@ async def connect(settings: Settings, client_id: str, *, run_migrations: bool = 
                   create_topics: bool = False, timeout_s: float = 60.0) -> Services:
     """Connect to Kafka and Postgres (retrying while they come up), bind every topic's schema."""
     kafka = kafka_config(settings, client_id)
-    caps: BrokerCapabilities = await _retry(  # type: ignore[assignment]
-        "Kafka", lambda: probe_capabilities(kafka), timeout_s)
-    pool: asyncpg.Pool = await _retry(  # type: ignore[assignment]
-        "Postgres", lambda: create_pool(database_url(settings)), timeout_s)
+    caps = await _retry("Kafka", lambda: probe_capabilities(kafka), timeout_s)
+    pool = await _retry("Postgres", lambda: create_pool(database_url(settings)), timeout_s)
     if run_migrations:
         async with pool.acquire() as conn:
             await migrate(conn)

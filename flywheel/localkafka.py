@@ -16,6 +16,7 @@ it; its pid and kind are kept in ``<home>/kafka/broker.json`` for ``status`` and
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -373,7 +374,5 @@ class LocalKafka:
 
     @staticmethod
     def _reap(pid: int) -> None:
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass

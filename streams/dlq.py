@@ -8,6 +8,7 @@ offset, so a bad record is never lost, only moved.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import Counter
@@ -22,7 +23,7 @@ DEAD_LETTERS = Counter("flywheel_dead_letters_total", "Records sent to a dead-le
 
 
 def dead_letter_event(*, stage: str, topic: str, partition: int, offset: int, key: bytes | None,
-                      value: bytes | None, headers: list[tuple[str, bytes | None]] | None,
+                      value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None,
                       reason: str, error_type: str, correlation_id: str = "", tenant_id: str = "",
                       user_id: str = "", attempts: int = 1) -> dict[str, Any]:
     return {
@@ -49,7 +50,7 @@ class DeadLetters:
         self.stage = stage
 
     async def publish(self, *, topic: str, partition: int, offset: int, key: bytes | None,
-                      value: bytes | None, headers: list[tuple[str, bytes | None]] | None,
+                      value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None,
                       error: Exception, event: dict[str, Any] | None = None) -> None:
         reason = getattr(error, "reason", None) or str(error) or type(error).__name__
         record = dead_letter_event(

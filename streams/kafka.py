@@ -7,9 +7,10 @@ fallback (neither: at-least-once, and consumers dedupe by event id).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import murmur2
 from aiokafka.protocol.admin import ApiVersionRequest
+from aiokafka.protocol.transaction import InitProducerIdRequest
 from pydantic import SecretStr
 
 from core.errors import DeadLetterError, RetriableError
@@ -28,6 +31,8 @@ from streams.tracing import inject_headers, producer_span
 log = logging.getLogger(__name__)
 
 END_TXN_API_KEY = 26
+# COORDINATOR_LOAD_IN_PROGRESS, COORDINATOR_NOT_AVAILABLE, NOT_COORDINATOR: retry, not "unsupported".
+_COORDINATOR_NOT_READY = {14, 15, 16}
 INIT_PRODUCER_ID_API_KEY = 22
 
 
@@ -88,26 +93,37 @@ class BrokerCapabilities:
 
 
 async def probe_capabilities(config: KafkaConfig) -> BrokerCapabilities:
-    """Ask the broker which APIs it serves.
+    """Ask the broker what it can really do.
 
-    Tansu 0.6 serves no EndTxn and answers aiokafka's InitProducerId v0 with an error, so a
-    broker without EndTxn is treated as having neither transactions nor idempotence.
+    Advertised API versions are not enough: Tansu advertises InitProducerId and EndTxn but
+    answers aiokafka's InitProducerId v0 with UNKNOWN_SERVER_ERROR. So we request a producer id
+    the way aiokafka's idempotent producer would (no transactional id: harmless on any broker);
+    idempotence needs it to succeed, and transactions additionally need EndTxn.
     """
     client = AIOKafkaClient(**config.client_kwargs())
     try:
         await client.bootstrap()
         node_id = next(iter(client.cluster.brokers())).nodeId
         response = await client.send(node_id, ApiVersionRequest())
+        versions = {key: (lo, hi) for key, lo, hi in response.api_versions}
+        idempotence = False
+        if INIT_PRODUCER_ID_API_KEY in versions:
+            for _ in range(50):  # a freshly started broker may still be loading its coordinator
+                pid = await client.send(node_id, InitProducerIdRequest(transactional_id=None,
+                                                                       transaction_timeout_ms=60_000))
+                if pid.error_code not in _COORDINATOR_NOT_READY:
+                    break
+                await asyncio.sleep(0.2)
+            idempotence = pid.error_code == 0 and pid.producer_id >= 0
     except (KafkaConnectionError, KafkaError, OSError) as exc:
         raise RetriableError(f"cannot reach Kafka at {config.bootstrap}: {exc}") from exc
     finally:
         await client.close()
-    versions = {key: (lo, hi) for key, lo, hi in response.api_versions}
-    has_txn = END_TXN_API_KEY in versions and INIT_PRODUCER_ID_API_KEY in versions
-    caps = BrokerCapabilities(transactions=has_txn, idempotence=has_txn, api_versions=versions)
-    if not has_txn:
-        log.warning("broker at %s has no transactions or idempotent producer: running at-least-once "
-                    "with deduplication by event id", config.bootstrap)
+    transactions = idempotence and END_TXN_API_KEY in versions
+    caps = BrokerCapabilities(transactions=transactions, idempotence=idempotence, api_versions=versions)
+    if not transactions:
+        log.warning("broker at %s has no %s: running at-least-once with deduplication by event id",
+                    config.bootstrap, "transactions" if idempotence else "idempotent producer or transactions")
     return caps
 
 
@@ -132,6 +148,8 @@ class EventProducer:
             kwargs["transactional_id"] = transactional_id
         self.transactional = "transactional_id" in kwargs
         self.raw = AIOKafkaProducer(**kwargs)
+        self._partition_cache: dict[tuple[bytes, int], int] = {}
+        self._round_robin = 0
 
     async def start(self) -> None:
         try:
@@ -146,17 +164,71 @@ class EventProducer:
         return self.serde.serialize(topic, record)
 
     async def send(self, topic: str, record: dict[str, Any], key: str | bytes | None = None,
-                   headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> Any:
-        """Serialise, inject trace context and hand to the batcher; returns a future of the ack."""
+                   headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
+                   span: bool = False) -> Any:
+        """Serialise, inject the current trace context and hand to the batcher.
+
+        Returns a future of the broker's ack. The current span (the stage's processing span, or
+        the client's request span) is the record's creation context; ``span=True`` adds a
+        PRODUCER span of its own (worth it at trace roots, not in hot loops).
+        """
         value = self.serde.serialize(topic, record)
+        if not span:
+            return await self.raw.send(topic, value, key=encode_key(key), partition=partition,
+                                       headers=inject_headers(headers))
         with producer_span(topic, {"messaging.message.id": record.get("event_id", "")}):
             return await self.raw.send(topic, value, key=encode_key(key), partition=partition,
                                        headers=inject_headers(headers))
 
     async def send_and_wait(self, topic: str, record: dict[str, Any], key: str | bytes | None = None,
-                            headers: list[tuple[str, bytes]] | None = None) -> Any:
-        future = await self.send(topic, record, key, headers)
+                            headers: list[tuple[str, bytes]] | None = None, span: bool = False) -> Any:
+        future = await self.send(topic, record, key, headers, span=span)
         return await future
+
+    def partition_for(self, topic: str, key: bytes | None, n_partitions: int) -> int:
+        """Index of ``key``'s partition among the topic's sorted partitions: Java-compatible
+        murmur2, exactly what aiokafka's (and Kafka's) default partitioner picks,
+        memoised per key: keys (user ids, request ids) repeat, and murmur2 is pure Python."""
+        if key is None:
+            self._round_robin = (self._round_robin + 1) % n_partitions
+            return self._round_robin
+        cache_key = (key, n_partitions)
+        found = self._partition_cache.get(cache_key)
+        if found is None:
+            if len(self._partition_cache) > 200_000:
+                self._partition_cache.clear()
+            found = (murmur2(key) & 0x7FFFFFFF) % n_partitions
+            self._partition_cache[cache_key] = found
+        return found
+
+    async def send_many(self, topic: str,
+                        items: Sequence[tuple[str | bytes | None, dict[str, Any], list[tuple[str, bytes]] | None]],
+                        ) -> list[Any]:
+        """Produce several events at once; returns the futures of the broker's acks.
+
+        Records are serialised and appended straight into per-partition record batches (one
+        future per batch instead of per record), which is how a stage that consumes a batch
+        should produce its outputs. Keys are partitioned exactly as ``send`` would.
+        """
+        partitions = sorted(await self.raw.partitions_for(topic))
+        n = len(partitions)
+        builders: dict[int, Any] = {}
+        futures: list[Any] = []
+        for key, record, headers in items:
+            key_bytes = encode_key(key)
+            value = self.serde.serialize(topic, record)
+            hdrs = headers if headers and any(k == "traceparent" for k, _ in headers) else inject_headers(headers)
+            partition = partitions[self.partition_for(topic, key_bytes, n)]
+            builder = builders.get(partition)
+            if builder is None:
+                builder = builders[partition] = self.raw.create_batch()
+            if builder.append(timestamp=None, key=key_bytes, value=value, headers=hdrs) is None:
+                futures.append(await self.raw.send_batch(builder, topic, partition=partition))
+                builder = builders[partition] = self.raw.create_batch()
+                builder.append(timestamp=None, key=key_bytes, value=value, headers=hdrs)
+        for partition, builder in builders.items():
+            futures.append(await self.raw.send_batch(builder, topic, partition=partition))
+        return futures
 
     async def send_raw(self, topic: str, value: bytes | None, key: bytes | None = None,
                        headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
@@ -210,7 +282,7 @@ class EventConsumer:
 
     async def decode(self, record: ConsumerRecord[bytes, bytes]) -> Received:
         try:
-            schema_id, event = await self.serde.deserialize(record.value)  # type: ignore[arg-type]
+            schema_id, event = await self.serde.deserialize(record.value)
             return Received(record, event, schema_id)
         except DeadLetterError as exc:
             return Received(record, error=exc)

@@ -163,11 +163,11 @@ async def replay(recording: Recording, producer: EventProducer, registry: Schema
             if delay > 0:
                 await asyncio.sleep(delay)
         value = r.value
-        old_id = schema_id_of(value)
-        if value is not None and old_id is not None and old_id in id_map:
-            value = frame(id_map[old_id], bytes(unframe(value)[1]))
+        value_id = schema_id_of(value)
+        if value is not None and value_id is not None and value_id in id_map:
+            value = frame(id_map[value_id], bytes(unframe(value)[1]))
         target = prefix + r.topic
-        partition = r.partition
+        partition: int | None = r.partition
         if partitions is not None and r.partition >= partitions.get(target, r.partition + 1):
             partition = None  # target has fewer partitions: let the key decide
         futures.append(await producer.send_raw(target, value, r.key, [(k, v or b"") for k, v in r.headers],

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -132,7 +132,7 @@ def contract(name: str) -> Contract:
         raise KeyError(f"no contract named {name!r}; known: {sorted(load_contracts())}") from None
 
 
-class Compatibility(str, Enum):
+class Compatibility(StrEnum):
     """Confluent Schema Registry compatibility levels."""
 
     NONE = "NONE"

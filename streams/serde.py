@@ -55,7 +55,9 @@ def encode_body(parsed_schema: Any, record: dict[str, Any]) -> bytes:
 
 def decode_body(body: bytes | memoryview, writer: Any, reader: Any | None = None) -> dict[str, Any]:
     buf = io.BytesIO(body)
-    record: dict[str, Any] = fastavro.schemaless_reader(buf, writer, reader)
+    record = fastavro.schemaless_reader(buf, writer, reader)
+    if not isinstance(record, dict):
+        raise SerializationError(f"expected an Avro record, decoded a {type(record).__name__}")
     if buf.tell() != len(body):
         raise SerializationError(f"{len(body) - buf.tell()} trailing bytes after the Avro record")
     return record
@@ -69,7 +71,7 @@ class AvroSerde:
     because an unknown id may need one registry round trip (then it is cached forever).
     """
 
-    def __init__(self, registry: SchemaRegistry, validate_on_write: bool = True) -> None:
+    def __init__(self, registry: SchemaRegistry, validate_on_write: bool = False) -> None:
         self.registry = registry
         self.validate_on_write = validate_on_write
         self._writers: dict[str, tuple[int, Any, Contract]] = {}

@@ -24,7 +24,7 @@ from prometheus_client import Counter, Histogram
 from core.errors import DeadLetterError, RetriableError
 from streams.dlq import DeadLetters
 from streams.kafka import EventConsumer, Received, next_offsets
-from streams.tracing import consumer_span
+from streams.tracing import process_context
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ async def run_stage(consumer: EventConsumer, dlq: DeadLetters, handle_one: Calla
                 with HANDLE_SECONDS.labels(config.name).time():
                     for item in await dead_letter_bad(batch, dlq):
                         r = item.record
-                        with consumer_span(r.topic, item.headers, r.partition, r.offset, consumer.group_id):
+                        with process_context(r.topic, item.headers, r.partition, r.offset, consumer.group_id):
                             try:
                                 await handle_one(item)
                             except DeadLetterError as exc:

@@ -7,12 +7,21 @@ from pathlib import Path
 
 import pytest
 import uvloop
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from streams.tracing import setup_tracing
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Tests use their own state directory and ports so they never touch a developer's `flywheel up`.
 TEST_HOME = Path(os.environ.get("FLYWHEEL_TEST_HOME", REPO_ROOT / ".flywheel-test"))
 TEST_KAFKA_PORT = int(os.environ.get("FLYWHEEL_TEST_KAFKA_PORT", "29092"))
 TEST_PG_PORT = int(os.environ.get("FLYWHEEL_TEST_PG_PORT", "25432"))
+
+
+# One tracer provider for the whole session (OpenTelemetry allows setting it once per process);
+# tests read finished spans from SPANS and clear it when they need a clean slate.
+SPANS = InMemorySpanExporter()
+setup_tracing("flywheel-tests", exporter=SPANS)
 
 
 @pytest.fixture(scope="session")

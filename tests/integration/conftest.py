@@ -7,6 +7,8 @@ The test command starts both before pytest (and stops them after); when they are
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -17,9 +19,9 @@ from flywheel.settings import Settings
 from tests.conftest import TEST_HOME, TEST_KAFKA_PORT, TEST_PG_PORT
 
 
-def make_settings(**overrides) -> Settings:
-    base = dict(home=TEST_HOME, kafka_port=TEST_KAFKA_PORT, kafka_controller_port=TEST_KAFKA_PORT + 1,
-                postgres_port=TEST_PG_PORT, kafka_broker="apache", topic_partitions=3)
+def make_settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = dict(home=TEST_HOME, kafka_port=TEST_KAFKA_PORT, kafka_controller_port=TEST_KAFKA_PORT + 1,
+                                postgres_port=TEST_PG_PORT, kafka_broker="apache", topic_partitions=3)
     base.update(overrides)
     return Settings(**base)
 
@@ -57,7 +59,7 @@ def settings(kafka_broker, postgres, run_prefix) -> Settings:
 
 
 @pytest.fixture(scope="session")
-async def services(settings) -> Services:
+async def services(settings) -> AsyncIterator[Services]:
     svc = await connect(settings, "tests", run_migrations=True, create_topics=True)
     yield svc
     await svc.close()

@@ -36,7 +36,7 @@ async def _producer(services) -> EventProducer:
 async def _consume_all(services, topic: str, n: int, timeout_s: float = 20.0):
     consumer = EventConsumer(services.kafka, services.serde, [topic], group_id=None)
     await consumer.start()
-    got = []
+    got: list = []
     try:
         deadline = asyncio.get_running_loop().time() + timeout_s
         batches = consumer.batches(timeout_ms=300)
@@ -70,16 +70,19 @@ async def test_every_schema_round_trips_through_the_broker(services):
         for spec in services.catalog.specs():
             if spec.contract in sent:
                 continue
-            record_ = samples()[spec.contract]
+            record_ = samples()[spec.contract] | {"event_id": f"round-trip-{spec.contract}"}
             await producer.send_and_wait(spec.name, record_, key="k")
             sent[spec.contract] = spec.name
     finally:
         await producer.stop()
     assert set(sent) == set(samples())
     for contract, topic in sent.items():
-        got = await _consume_all(services, topic, 1)
-        assert got and got[0].error is None, contract
-        assert normalise(got[0].event) == normalise(samples()[contract]), contract
+        records = await read_topics(services.kafka, [topic])
+        decoded = [(await services.serde.deserialize(r.value))[1] for r in records]
+        mine = [e for e in decoded if e["event_id"] == f"round-trip-{contract}"]
+        assert len(mine) == 1, contract
+        expected = samples()[contract] | {"event_id": f"round-trip-{contract}"}
+        assert normalise(mine[0]) == normalise(expected), contract
 
 
 async def test_bad_records_go_to_the_dead_letter_topic_and_the_stage_goes_on(services, run_prefix):
@@ -156,17 +159,17 @@ async def test_record_then_replay_gives_identical_records(services, tmp_path):
 
 async def test_trace_context_crosses_a_produce_consume_hop(services):
     from opentelemetry import trace
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from streams.tracing import consumer_span, setup_tracing, tracer
+    from streams.tracing import consumer_span, tracer
+    from tests.conftest import SPANS as exporter
 
-    exporter = InMemorySpanExporter()
-    setup_tracing("tests", exporter=exporter)
+    exporter.clear()
     topic = services.catalog.rollouts
     producer = await _producer(services)
     try:
         with tracer().start_as_current_span("client request") as root:
-            await producer.send_and_wait(topic, samples()["Rollout"] | {"request_id": "traced"}, key="traced")
+            await producer.send_and_wait(topic, samples()["Rollout"] | {"request_id": "traced"}, key="traced",
+                                         span=True)
             trace_id = root.get_span_context().trace_id
     finally:
         await producer.stop()
@@ -174,7 +177,9 @@ async def test_trace_context_crosses_a_produce_consume_hop(services):
     with consumer_span(topic, got[0].headers, got[0].record.partition, got[0].record.offset) as span:
         assert span.get_span_context().trace_id == trace_id
     spans = {s.name: s for s in exporter.get_finished_spans()}
-    assert spans[f"process {topic}"].parent.span_id == spans[f"send {topic}"].context.span_id
+    parent = spans[f"process {topic}"].parent
+    assert parent is not None
+    assert parent.span_id == spans[f"send {topic}"].context.span_id
     assert spans[f"send {topic}"].kind == trace.SpanKind.PRODUCER
 
 
@@ -225,7 +230,7 @@ async def test_postgres_registry_is_durable_and_enforces_compatibility(services)
 
 def test_kafka_cli_reports_a_running_broker_with_its_version(kafka_broker):
     out = subprocess.run([sys.executable, "-m", "flywheel.cli", "kafka", "status"], env=flywheel_env(),
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert "running: apache broker 3.9.1" in out.stdout
 

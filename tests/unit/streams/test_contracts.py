@@ -108,6 +108,7 @@ async def test_backward_compatible_evolution_reads_old_data_with_new_schema():
 
     new_schema = _with_field(old.schema, {"name": "weight", "type": "double", "default": 1.0})
     import fastavro
+
     from streams.schemas import Contract
     new = Contract("Reward", new_schema, fastavro.parse_schema(copy.deepcopy(new_schema)))
     reader = AvroSerde(registry)
@@ -122,7 +123,7 @@ async def test_incompatible_schema_is_refused_with_a_clear_error():
     old = load_contracts()["Reward"]
     await registry.register("t.rewards-value", old.schema)
     breaking = _with_field(old.schema, {"name": "weight", "type": "double"})  # no default
-    with pytest.raises(IncompatibleSchemaError, match="t.rewards-value.*weight"):
+    with pytest.raises(IncompatibleSchemaError, match=r"t\.rewards-value.*weight"):
         await registry.register("t.rewards-value", breaking)
 
 

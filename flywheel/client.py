@@ -1,0 +1,180 @@
+"""FlywheelClient: publish requests and feedback, await responses by correlation id.
+
+    async with FlywheelClient.connect(settings) as client:
+        response = await client.submit(user_id="u1", prompt="What is 2+3?", max_tokens=32)
+        async for delta in client.stream(user_id="u1", prompt="Tell me a story"):
+            print(delta, end="")
+        await client.feedback(user_id="u1", request_id=response["request_id"], kind="thumbs",
+                              thumbs_up=True)
+
+The client reads the response and chunk topics from their end (no consumer group: every client
+sees every partition) and hands each record to the waiter with the same request id. It only
+hands a response to the user who sent the request: a record whose user id differs is ignored.
+Each request starts a trace; the request's feedback continues the same trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext, SpanKind
+
+from core.errors import RetriableError
+from flywheel.connect import Services, connect
+from flywheel.settings import Settings
+from streams import events
+from streams.kafka import EventConsumer, EventProducer
+from streams.tracing import tracer
+
+log = logging.getLogger(__name__)
+
+
+class ResponseTimeout(RetriableError):
+    """No final response arrived in time (the request may still complete later)."""
+
+
+@dataclass
+class _Pending:
+    user_id: str
+    final: asyncio.Future[dict[str, Any]]
+    chunks: asyncio.Queue[dict[str, Any]] | None = None
+    seen_chunks: set[int] = field(default_factory=set)
+
+
+class FlywheelClient:
+    def __init__(self, services: Services, owns_services: bool = False, trace_memory: int = 10_000) -> None:
+        self.services = services
+        self._owns = owns_services
+        self.producer = EventProducer(services.kafka, services.serde, services.capabilities)
+        self.consumer = EventConsumer(services.kafka, services.serde,
+                                      [services.catalog.responses, services.catalog.chunks],
+                                      group_id=None, auto_offset_reset="latest")
+        self._pending: dict[str, _Pending] = {}
+        self._traces: OrderedDict[str, SpanContext] = OrderedDict()
+        self._trace_memory = trace_memory
+        self._reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, settings: Settings) -> AsyncIterator[FlywheelClient]:
+        services = await connect(settings, "flywheel-client")
+        client = cls(services, owns_services=True)
+        await client.start()
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    async def start(self) -> None:
+        await self.producer.start()
+        await self.consumer.start()
+        # Position at the end before any request is sent, so no response can be missed.
+        await self.consumer.raw.seek_to_end()
+        for tp in self.consumer.raw.assignment():
+            await self.consumer.raw.position(tp)
+        self._reader = asyncio.create_task(self._read(), name="flywheel-client-reader")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self.consumer.stop()
+        await self.producer.stop()
+        if self._owns:
+            await self.services.close()
+
+    async def _read(self) -> None:
+        responses = self.services.catalog.responses
+        async for batch in self.consumer.batches(timeout_ms=100):
+            for item in batch:
+                if item.event is None:
+                    continue  # not ours to dead-letter: the client is a reader, not a stage
+                pending = self._pending.get(item.event.get("request_id", ""))
+                if pending is None or item.event["user_id"] != pending.user_id:
+                    continue
+                if item.record.topic == responses:
+                    if not pending.final.done():
+                        pending.final.set_result(item.event)
+                elif pending.chunks is not None and item.event["index"] not in pending.seen_chunks:
+                    pending.seen_chunks.add(item.event["index"])
+                    pending.chunks.put_nowait(item.event)
+
+    def _remember_trace(self, request_id: str, span_context: SpanContext) -> None:
+        self._traces[request_id] = span_context
+        while len(self._traces) > self._trace_memory:
+            self._traces.popitem(last=False)
+
+    async def publish_request(self, request: dict[str, Any], chunks: bool = False) -> _Pending:
+        """Publish an InferenceRequest (built with ``streams.events.inference_request``)."""
+        rid = request["request_id"]
+        pending = _Pending(request["user_id"], asyncio.get_running_loop().create_future(),
+                           asyncio.Queue() if chunks else None)
+        self._pending[rid] = pending
+        with tracer().start_as_current_span("flywheel.request", kind=SpanKind.PRODUCER,
+                                            attributes={"flywheel.request_id": rid,
+                                                        "enduser.id": request["user_id"]}) as span:
+            self._remember_trace(rid, span.get_span_context())
+            await self.producer.send_and_wait(self.services.catalog.requests, request, key=request["user_id"])
+        return pending
+
+    async def submit(self, *, timeout_s: float = 120.0, **request_fields: Any) -> dict[str, Any]:
+        """Publish a request and wait for its final InferenceResponse."""
+        request = events.inference_request(**request_fields)
+        pending = await self.publish_request(request)
+        try:
+            return await asyncio.wait_for(pending.final, timeout_s)
+        except TimeoutError as exc:
+            raise ResponseTimeout(f"no response to {request['request_id']} within {timeout_s}s") from exc
+        finally:
+            self._pending.pop(request["request_id"], None)
+
+    async def stream(self, *, timeout_s: float = 120.0, **request_fields: Any) -> AsyncIterator[str]:
+        """Publish a streaming request and yield text deltas in order until the final response."""
+        request = events.inference_request(stream=True, **request_fields)
+        pending = await self.publish_request(request, chunks=True)
+        assert pending.chunks is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        next_index = 0
+        buffered: dict[int, str] = {}
+        try:
+            while not (pending.final.done() and pending.chunks.empty()):
+                try:
+                    chunk = await asyncio.wait_for(pending.chunks.get(), timeout=0.05)
+                except TimeoutError:
+                    if loop.time() > deadline:
+                        raise ResponseTimeout(f"no response to {request['request_id']}") from None
+                    continue
+                buffered[chunk["index"]] = chunk["delta"]
+                while next_index in buffered:
+                    yield buffered[next_index]
+                    next_index += 1
+            # Chunks and the final record travel on different topics, so the final can overtake
+            # the last chunks; the final text is authoritative, so send whatever is missing.
+            final = pending.final.result()
+            streamed = "".join(buffered[i] for i in range(next_index))
+            if final["text"].startswith(streamed) and len(final["text"]) > len(streamed):
+                yield final["text"][len(streamed):]
+        finally:
+            self._pending.pop(request["request_id"], None)
+
+    def trace_of(self, request_id: str) -> SpanContext | None:
+        return self._traces.get(request_id)
+
+    async def feedback(self, **feedback_fields: Any) -> dict[str, Any]:
+        """Publish Feedback (``streams.events.feedback`` fields); it joins the request's trace."""
+        record = events.feedback(**feedback_fields)
+        parent = self._traces.get(record["request_id"])
+        ctx = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent else None
+        with tracer().start_as_current_span("flywheel.feedback", context=ctx, kind=SpanKind.PRODUCER,
+                                            attributes={"flywheel.request_id": record["request_id"]}):
+            await self.producer.send_and_wait(self.services.catalog.feedback, record, key=record["user_id"])
+        return record
