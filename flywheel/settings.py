@@ -52,6 +52,8 @@ class Settings(BaseSettings):
 
     # --- Observability
     otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP traces endpoint")
+    trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0,
+                                      description="share of new traces sampled (at their root)")
     metrics_port: int = Field(default=0, description="Prometheus port; 0 = pick a free one")
     log_level: str = "INFO"
 

@@ -82,7 +82,9 @@ async def test_submit_stream_and_feedback(services, run_prefix):
                                            thumbs_up=True)
             assert record["kind"] == "thumbs"
         # the client's request carried its trace context to the responder
-        expected = format(client.trace_of(response["request_id"]).trace_id, "032x")
+        span_context = client.trace_of(response["request_id"])
+        assert span_context is not None
+        expected = format(span_context.trace_id, "032x")
         assert (response["request_id"], expected) in traces
     finally:
         await client.close()

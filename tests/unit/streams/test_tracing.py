@@ -13,6 +13,7 @@ from streams.tracing import (
     tracer,
 )
 
+
 def test_injected_traceparent_equals_the_standard_propagator():
     with tracer().start_as_current_span("root"):
         ours = dict(inject_headers(None))

