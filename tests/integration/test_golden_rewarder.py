@@ -24,7 +24,7 @@ GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 def feedback_events() -> list[dict]:
     base: dict = {"tenant_id": "t", "model": "smollm2-135m", "prompt": None, "rating": None, "thumbs_up": None,
             "pairwise": None, "implicit": None}
-    items = [
+    items: list[tuple[str, str, str, dict]] = [
         ("f1", "u1", "r1", {"kind": "thumbs", "thumbs_up": True}),
         ("f2", "u2", "r2", {"kind": "rating", "rating": 0.25}),
         ("f3", "u1", "r3", {"kind": "pairwise", "pairwise": {"request_id_a": "r3", "model_a": "smollm2-135m",

@@ -80,9 +80,25 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
     gguf = locate_gguf(spec)
     log.info("loading %s from %s", name, gguf.name)
     tokenizer = load_tokenizer(spec)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype)
     )
     model.to(device)
     model.eval()
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer)
+
+
+def export_hf_dir(name: str, target: Path) -> Path:
+    """Write a catalogued model as a plain transformers directory (safetensors + tokenizer).
+
+    vLLM loads GGUF poorly without a hub tokenizer; a de-quantised HF directory needs nothing
+    from the network. Idempotent: an existing export (``config.json`` present) is reused.
+    """
+    if (target / "config.json").exists():
+        return target
+    loaded = load_model(name)
+    tmp = target.with_name(target.name + ".tmp")
+    loaded.model.save_pretrained(str(tmp))
+    loaded.tokenizer.save_pretrained(str(tmp))
+    tmp.rename(target)
+    return target
