@@ -136,15 +136,20 @@ class FlywheelClient:
         finally:
             self._pending.pop(request["request_id"], None)
 
-    async def stream(self, *, timeout_s: float = 120.0, **request_fields: Any) -> AsyncIterator[str]:
-        """Publish a streaming request and yield text deltas in order until the final response."""
-        request = events.inference_request(stream=True, **request_fields)
+    async def stream_events(self, *, timeout_s: float = 120.0, request: dict[str, Any] | None = None,
+                            **request_fields: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Publish a streaming request; yield ``("chunk", ResponseChunk)`` in index order, then
+        ``("final", InferenceResponse)``. Chunks and the final record travel on different topics,
+        so the final can overtake the last chunks: the final text is authoritative, and the
+        caller gets a last synthetic chunk with whatever the chunks had not delivered."""
+        request = request or events.inference_request(stream=True, **request_fields)
         pending = await self.publish_request(request, chunks=True)
         assert pending.chunks is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         next_index = 0
-        buffered: dict[int, str] = {}
+        buffered: dict[int, dict[str, Any]] = {}
+        streamed: list[str] = []
         try:
             while not (pending.final.done() and pending.chunks.empty()):
                 try:
@@ -153,18 +158,25 @@ class FlywheelClient:
                     if loop.time() > deadline:
                         raise ResponseTimeout(f"no response to {request['request_id']}") from None
                     continue
-                buffered[chunk["index"]] = chunk["delta"]
+                buffered[chunk["index"]] = chunk
                 while next_index in buffered:
-                    yield buffered[next_index]
+                    streamed.append(buffered[next_index]["delta"])
+                    yield "chunk", buffered.pop(next_index)
                     next_index += 1
-            # Chunks and the final record travel on different topics, so the final can overtake
-            # the last chunks; the final text is authoritative, so send whatever is missing.
             final = pending.final.result()
-            streamed = "".join(buffered[i] for i in range(next_index))
-            if final["text"].startswith(streamed) and len(final["text"]) > len(streamed):
-                yield final["text"][len(streamed):]
+            so_far = "".join(streamed)
+            if final["text"].startswith(so_far) and len(final["text"]) > len(so_far):
+                yield "chunk", {"request_id": final["request_id"], "index": next_index,
+                                "delta": final["text"][len(so_far):], "model": final["model"]}
+            yield "final", final
         finally:
             self._pending.pop(request["request_id"], None)
+
+    async def stream(self, *, timeout_s: float = 120.0, **request_fields: Any) -> AsyncIterator[str]:
+        """Publish a streaming request and yield its text deltas in order."""
+        async for kind, event in self.stream_events(timeout_s=timeout_s, **request_fields):
+            if kind == "chunk":
+                yield event["delta"]
 
     def trace_of(self, request_id: str) -> SpanContext | None:
         return self._traces.get(request_id)

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     gateway_port: int = 8080
     max_prompt_chars: int = 32_000
     max_tokens_limit: int = 1024
+    gateway_api_keys: SecretStr | None = Field(
+        default=None, description='JSON map of API key -> user id, e.g. {"sk-alice": "alice"}; unset = open')
+    gateway_max_inflight: int = Field(default=256, description="outstanding requests before 429")
+    gateway_max_lag: int = Field(default=500, description="unprocessed records (router + workers) before 429")
+    gateway_request_timeout_s: float = 300.0
 
     @property
     def artifacts_dir(self) -> Path:
