@@ -123,7 +123,7 @@ def run_agent_process(name: str, settings: Settings, build: Callable[[Services],
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     services = loop.run_until_complete(connect(settings, f"flywheel-{name}"))
-    start_metrics(settings.metrics_port, name)
+    start_metrics(settings.metrics_port, name, settings.metrics_host)
     app = build(services)
     worker = Worker(app, loglevel=settings.log_level, loop=loop, quiet=True, override_logging=False)
     try:

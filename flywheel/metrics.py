@@ -17,9 +17,9 @@ def _free_port() -> int:
         return port
 
 
-def start_metrics(port: int, process: str) -> int:
+def start_metrics(port: int, process: str, host: str = "127.0.0.1") -> int:
     """Serve this process's metrics; returns the port actually used."""
     chosen = port or _free_port()
-    start_http_server(chosen, addr="127.0.0.1")
-    log.info("%s metrics on http://127.0.0.1:%d/metrics", process, chosen)
+    start_http_server(chosen, addr=host)
+    log.info("%s metrics on http://%s:%d/metrics", process, host, chosen)
     return chosen

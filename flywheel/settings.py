@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0,
                                       description="share of new traces sampled (at their root)")
     metrics_port: int = Field(default=0, description="Prometheus port; 0 = pick a free one")
+    metrics_host: str = Field(default="127.0.0.1", description="interface of the metrics endpoint")
     log_level: str = "INFO"
 
     # --- Gateway

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     settings = get_settings()
     setup_logging(settings.log_level)
     setup_tracing("flywheel-gateway", settings.otlp_endpoint, sample_ratio=settings.trace_sample_ratio)
-    start_metrics(settings.metrics_port, "gateway")
+    start_metrics(settings.metrics_port, "gateway", settings.metrics_host)
     uvicorn.run(create_app(settings), host=args.host or settings.gateway_host, port=args.port or settings.gateway_port,
                 loop="uvloop", log_level=settings.log_level.lower(), access_log=False)
     return 0
