@@ -37,9 +37,9 @@ class Observer:
         self.services = services
         self.stats = stats
         catalog = services.catalog
-        self.live = EventConsumer(services.kafka, services.serde,
-                                  [catalog.responses, catalog.feedback, *(catalog.decisions(m) for m in catalog.models)],
-                                  group_id=None, auto_offset_reset="latest")
+        live_topics = [catalog.responses, catalog.feedback, *(catalog.decisions(m) for m in catalog.models)]
+        self.live = EventConsumer(services.kafka, services.serde, live_topics, group_id=None,
+                                  auto_offset_reset="latest")
         self.state = EventConsumer(services.kafka, services.serde,
                                    [catalog.adapters, catalog.models_topic, catalog.heartbeats],
                                    group_id=None, auto_offset_reset="earliest")
