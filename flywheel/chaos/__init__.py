@@ -1,0 +1,1 @@
+"""Reliability tooling: fault injection, fuzzing, load and soak (``flywheel chaos``)."""
