@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     gateway_max_inflight: int = Field(default=256, description="outstanding requests before 429")
     gateway_max_lag: int = Field(default=500, description="unprocessed records (router + workers) before 429")
     gateway_request_timeout_s: float = 300.0
+    gateway_max_body_bytes: int = Field(default=1_000_000, description="larger HTTP bodies get 413")
 
     @property
     def artifacts_dir(self) -> Path:

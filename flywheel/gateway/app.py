@@ -182,6 +182,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="Flywheel gateway", lifespan=lifespan)
 
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Any) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > settings.gateway_max_body_bytes):
+            return JSONResponse(openai_error(f"request body over {settings.gateway_max_body_bytes} bytes"),
+                                status_code=413)
+        return await call_next(request)
+
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse(openai_error(exc.message, exc.kind, exc.param), status_code=exc.status,
