@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,6 +113,17 @@ async def decode(services: Services, event: Any, dlq: DeadLetters) -> dict[str, 
         await dlq.publish(topic=message.topic, partition=message.partition, offset=message.offset,
                           key=message.key, value=message.value, headers=headers, error=exc)
         return None
+
+
+def crash_process_on_error(task: asyncio.Task[Any]) -> None:
+    """Done-callback for an agent's background task: a task that dies of an unexpected error
+    takes the process down (exit 70) so the supervisor restarts it, instead of the agent carrying
+    on without, say, its feedback reader."""
+    if task.cancelled() or task.exception() is None:
+        return
+    log.critical("background task %s failed; exiting for a restart", task.get_name(), exc_info=task.exception())
+    logging.shutdown()
+    os._exit(70)
 
 
 def run_agent_process(name: str, settings: Settings, build: Callable[[Services], faust.App],

@@ -7,6 +7,7 @@ offset, so a bad record is never lost, only moved.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -26,8 +27,11 @@ def dead_letter_event(*, stage: str, topic: str, partition: int, offset: int, ke
                       value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None,
                       reason: str, error_type: str, correlation_id: str = "", tenant_id: str = "",
                       user_id: str = "", attempts: int = 1) -> dict[str, Any]:
+    # The id is derived from where the record came from, so a stage that dead-letters the same
+    # record twice (a retry after a crash) produces the same event id and readers can dedupe.
+    event_id = hashlib.sha256(f"{stage}:{topic}:{partition}:{offset}".encode()).hexdigest()[:32]
     return {
-        **envelope(correlation_id, tenant_id, user_id),
+        **envelope(correlation_id, tenant_id, user_id, event_id=event_id),
         "stage": stage,
         "origin_topic": topic,
         "origin_partition": partition,

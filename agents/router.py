@@ -1,0 +1,236 @@
+"""The Eagle router agent.
+
+    requests --(faust agent: validate -> embed -> Eagle route -> decision)--> decisions.<model>
+    feedback --(global reader, journalled in Postgres)--> ratings
+    heartbeats --(global reader)--> which models have a healthy worker
+
+Requests are handled in small batches (one embedding call per batch). A decision carries every
+candidate's scores, the fallbacks, the reason and the offset of the last feedback applied, so it
+can be explained and reproduced. Models without a healthy worker are skipped (next best); with no
+live worker at all the request waits (up to ``ROUTER_WAIT_S``, Kafka holds the rest) and is then
+queued for the best model. A request whose budget cannot pay for a single token of any model is
+answered directly with an error response instead of being routed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+import numpy as np
+from aiokafka import AIOKafkaConsumer
+
+from agents.base import FaustSink, crash_process_on_error, decode, make_app, raw_topic, run_agent_process
+from agents.router_feedback import FeedbackApplier, load_state, prompt_key
+from core.catalog import CATALOG, ModelSpec
+from core.embedding import get_embedder
+from core.errors import DeadLetterError
+from core.routing.budget import NoLiveModelError
+from core.routing.eagle import EagleConfig
+from core.validation import RequestLimits, validate_request
+from flywheel.connect import Services
+from flywheel.settings import Settings
+from flywheel.telemetry import REQUESTS_ROUTED, ROUTING_SECONDS
+from streams.dlq import DeadLetters
+from streams.events import envelope, event_time_ms, prompt_text
+from streams.tracing import process_context
+
+log = logging.getLogger(__name__)
+ROUTER_NAME = "eagle"
+ROUTER_WAIT_S = 30.0
+HEARTBEAT_STALE_S = 10.0
+
+
+def prompt_tokens_upper_bound(request: dict[str, Any]) -> int:
+    """Characters / 2: generous for BPE tokenizers (about 4 characters per token in English)."""
+    chars = len(request.get("prompt") or "") + sum(len(m["content"]) for m in request.get("messages") or [])
+    return chars // 2 + 8
+
+
+def estimate_cost(spec: ModelSpec, request: dict[str, Any]) -> float:
+    """Worst-case cost: an upper bound of the prompt's tokens and the full ``max_tokens`` of output
+    (the worker never generates more), so a request routed within budget cannot overspend it."""
+    return spec.cost(prompt_tokens_upper_bound(request), request["max_tokens"])
+
+
+def affordable_tokens(spec: ModelSpec, request: dict[str, Any], budget_usd: float) -> int:
+    """The most output tokens ``budget_usd`` pays for on ``spec`` after the prompt (may be <= 0)."""
+    left = budget_usd * 1e6 - prompt_tokens_upper_bound(request) * spec.price_in_per_mtok
+    return int(left // spec.price_out_per_mtok)
+
+
+@dataclass
+class Liveness:
+    """Healthy workers per model, from heartbeats (a worker is live until it goes quiet)."""
+
+    last_seen: dict[str, tuple[str, float, bool]] = field(default_factory=dict)  # worker -> (model, t, healthy)
+
+    def on_heartbeat(self, event: dict[str, Any], now: float) -> None:
+        self.last_seen[event["worker_id"]] = (event["model"], now, event["healthy"])
+
+    def live_models(self, now: float) -> set[str]:
+        stale = max(HEARTBEAT_STALE_S, 0.0)
+        return {model for model, seen, healthy in self.last_seen.values() if healthy and now - seen <= stale}
+
+
+class Router:
+    def __init__(self, services: Services, config: EagleConfig | None = None) -> None:
+        self.services = services
+        self.config = config or EagleConfig()
+        self.models = tuple(services.catalog.models)
+        self.limits = RequestLimits(services.settings.max_prompt_chars, services.settings.max_tokens_limit)
+        self.liveness = Liveness()
+        self.embedder = get_embedder()
+        self.version = f"eagle-k{self.config.k:g}-n{self.config.neighbours}-p{self.config.global_weight:g}"
+        self.applier: FeedbackApplier | None = None
+        self.ready = asyncio.Event()
+
+    async def start(self, dlq: DeadLetters, stop: asyncio.Event) -> list[asyncio.Task[None]]:
+        state, offset = await load_state(self.services.pool, ROUTER_NAME, self.config, self.models)
+        self.applier = FeedbackApplier(self.services, state, offset, ROUTER_NAME, self.embedder, dlq)
+        self.ready.set()
+        return [asyncio.create_task(self.applier.run(stop), name="router-feedback"),
+                asyncio.create_task(self._follow_heartbeats(stop), name="router-heartbeats")]
+
+    async def _follow_heartbeats(self, stop: asyncio.Event) -> None:
+        consumer = AIOKafkaConsumer(self.services.catalog.heartbeats, **self.services.kafka.client_kwargs(),
+                                    group_id=None, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            while not stop.is_set():
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for r in records:
+                        try:
+                            _, event = await self.services.serde.deserialize(r.value)
+                        except DeadLetterError:
+                            continue  # heartbeats are advisory; a bad one only misses an update
+                        # Old heartbeats replayed at start are dated by their own time, so they age out.
+                        self.liveness.on_heartbeat(event, min(time.time(), event_time_ms(event) / 1000))
+        finally:
+            await consumer.stop()
+
+    async def wait_for_live(self, timeout_s: float = ROUTER_WAIT_S) -> set[str]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            live = self.liveness.live_models(time.time())
+            if live or time.monotonic() > deadline:
+                return live
+            await asyncio.sleep(0.2)
+
+    def candidates(self, request: dict[str, Any]) -> dict[str, float]:
+        names = [m for m in request.get("model_hints") or [] if m in CATALOG] or list(self.models)
+        return {m: estimate_cost(CATALOG[m], request) for m in names}
+
+    async def route(self, request: dict[str, Any], embedding: np.ndarray) -> dict[str, Any]:
+        """A RoutingDecision for one validated request, or an error InferenceResponse."""
+        assert self.applier is not None
+        candidates = self.candidates(request)
+        budget = request.get("budget_usd")
+        if budget is not None and all(cost > budget for cost in candidates.values()):
+            # Nothing fits at the requested length: shorten the answer to what the budget buys.
+            best = max(affordable_tokens(CATALOG[m], request, budget) for m in candidates)
+            if best < 1:
+                return self.refusal(request, f"a budget of ${budget:g} cannot pay for this prompt on any model")
+            request = dict(request, max_tokens=min(request["max_tokens"], best))
+            candidates = self.candidates(request)
+        live = self.liveness.live_models(time.time()) or await self.wait_for_live()
+        state = self.applier.state
+        try:
+            choice = state.ranker.route(embedding, candidates, budget, request.get("willingness_to_pay"), live)
+        except NoLiveModelError:
+            choice = state.ranker.route(embedding, candidates, budget, request.get("willingness_to_pay"),
+                                        set(candidates))
+            choice = dataclasses.replace(choice, reason=f"no live worker: queued for {choice.model}")
+        globals_ = state.ranker.global_ratings()
+        local = dict(zip(state.ranker.models, state.ranker.local_ratings(state.ranker.neighbour_keys(embedding)),
+                         strict=True)) if state.ranker.models else {}
+        return {
+            **envelope(request["request_id"], request["tenant_id"], request["user_id"]),
+            "request": request,
+            "model": choice.model,
+            "candidates": [{
+                "model": m, "score": choice.scores[m],
+                "global_rating": globals_.get(m, self.config.initial_rating),
+                "local_rating": local.get(m, self.config.initial_rating),
+                "expected_quality": choice.expected_quality[m], "expected_cost_usd": choice.costs[m],
+                "live": m in live, "within_budget": budget is None or choice.costs[m] <= budget}
+                for m in sorted(choice.scores)],
+            "fallbacks": list(choice.fallbacks),
+            "router_name": ROUTER_NAME,
+            "router_version": self.version,
+            "reason": choice.reason,
+            "feedback_offset": self.applier.offset,
+        }
+
+    @staticmethod
+    def refusal(request: dict[str, Any], why: str) -> dict[str, Any]:
+        return {**envelope(request["request_id"], request["tenant_id"], request["user_id"]),
+                "request_id": request["request_id"], "model": "none", "model_version": "none",
+                "adapter_version": None, "text": "", "prompt_tokens": 0, "completion_tokens": 0, "queue_ms": 0.0,
+                "first_token_ms": 0.0, "total_ms": 0.0, "finish_reason": "error", "worker_id": ROUTER_NAME,
+                "cost_usd": 0.0, "error": why}
+
+    async def remember_embeddings(self, items: list[tuple[str, str, np.ndarray]]) -> None:
+        await self.services.pool.executemany(
+            "INSERT INTO request_embeddings (request_id, prompt_key, embedding) VALUES ($1, $2, $3) "
+            "ON CONFLICT (request_id) DO NOTHING", items)
+
+
+def build(services: Services) -> faust.App:
+    app = make_app("router", services)
+    sink = FaustSink(app, services)
+    dlq = DeadLetters(sink, services.catalog.dlq("router"), "router")  # type: ignore[arg-type]
+    router = Router(services)
+    stop = asyncio.Event()
+    catalog = services.catalog
+
+    @app.task
+    async def start_readers() -> None:
+        for task in await router.start(dlq, stop):
+            task.add_done_callback(crash_process_on_error)
+
+    @app.agent(raw_topic(app, catalog.requests), name="route-requests")
+    async def route_requests(stream: Any) -> None:
+        async for events in stream.take_events(16, within=0.02):
+            batch = []
+            for event in events:
+                request = await decode(services, event, dlq)
+                if request is None:
+                    continue
+                try:
+                    validate_request(request, router.limits)
+                    batch.append((event, request))
+                except DeadLetterError as exc:
+                    m = event.message
+                    await dlq.publish(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key,
+                                      value=m.value, headers=list(m.headers or []), error=exc, event=request)
+            if not batch:
+                continue
+            await router.ready.wait()
+            started = time.perf_counter()
+            texts = [prompt_text(r) for _, r in batch]
+            vectors = router.embedder.embed(texts)
+            await router.remember_embeddings([(r["request_id"], prompt_key(t), v)
+                                              for (_, r), t, v in zip(batch, texts, vectors, strict=True)])
+            for (event, request), vector in zip(batch, vectors, strict=True):
+                m = event.message
+                with process_context(m.topic, list(m.headers or []), m.partition, m.offset):
+                    out = await router.route(request, vector)
+                    if "candidates" in out:
+                        await sink.send(catalog.decisions(out["model"]), out, key=request["request_id"])
+                        REQUESTS_ROUTED.labels(out["model"], out["reason"].split(":")[0][:40]).inc()
+                    else:
+                        await sink.send(catalog.responses, out, key=request["request_id"])
+                        REQUESTS_ROUTED.labels("none", "refused").inc()
+            ROUTING_SECONDS.observe((time.perf_counter() - started) / len(batch))
+
+    return app
+
+
+def main(settings: Settings) -> int:
+    return run_agent_process("router", settings, build)

@@ -1,0 +1,17 @@
+"""``flywheel router``: run the Eagle router agent."""
+
+from __future__ import annotations
+
+import argparse
+
+from flywheel.settings import get_settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # configured through FLYWHEEL_* settings only
+
+
+def run(args: argparse.Namespace) -> int:
+    from agents.router import main
+
+    return main(get_settings())
