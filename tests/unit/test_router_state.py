@@ -64,10 +64,12 @@ def stream() -> list[tuple[RouterFeedback, np.ndarray]]:
         key = f"p{rng.integers(0, 30)}"
         kind = ["thumbs", "rating", "pairwise", "implicit"][i % 4]
         model = POOL[int(rng.integers(0, 3))]
-        item: dict = {"thumbs": dict(model=model, thumbs_up=bool(rng.integers(0, 2))),
-                "rating": dict(model=model, rating=float(rng.random())),
-                "pairwise": dict(model_a=model, model_b=POOL[(POOL.index(model) + 1) % 3], winner="a"),
-                "implicit": dict(model=model, signal="regenerate")}[kind]
+        options: dict[str, dict] = {
+            "thumbs": dict(model=model, thumbs_up=bool(rng.integers(0, 2))),
+            "rating": dict(model=model, rating=float(rng.random())),
+            "pairwise": dict(model_a=model, model_b=POOL[(POOL.index(model) + 1) % 3], winner="a"),
+            "implicit": dict(model=model, signal="regenerate")}
+        item = options[kind]
         out.append((fb(i, kind, key, **item), vec(int(key[1:]))))
     return out
 
