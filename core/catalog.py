@@ -17,6 +17,8 @@ class ModelSpec:
     family: str
     """Architecture family, e.g. ``llama`` or ``gemma3``."""
     params_millions: float
+    layers: int
+    """Transformer blocks (the deployer places whole layers on devices)."""
     memory_gib: float
     """Resident weight memory in fp32 on the torch engine."""
     price_in_per_mtok: float
@@ -36,6 +38,7 @@ SMOLLM2_135M = ModelSpec(
     name="smollm2-135m",
     family="llama",
     params_millions=134.5,
+    layers=30,
     memory_gib=0.55,
     price_in_per_mtok=0.05,
     price_out_per_mtok=0.10,
@@ -48,6 +51,7 @@ GEMMA3_270M = ModelSpec(
     name="gemma3-270m",
     family="gemma3",
     params_millions=268.1,
+    layers=18,
     memory_gib=1.1,
     price_in_per_mtok=0.10,
     price_out_per_mtok=0.20,
