@@ -79,16 +79,23 @@ def schema_id_of(value: bytes | None) -> int | None:
         return None
 
 
-async def read_topics(config: KafkaConfig, topics: list[str], timeout_s: float = 30.0) -> list[Recorded]:
-    """Everything in ``topics`` up to their current end offsets, without a consumer group."""
+async def read_topics(config: KafkaConfig, topics: list[str], timeout_s: float = 30.0,
+                      committed_only: bool = True) -> list[Recorded]:
+    """Everything in ``topics`` up to their current end offsets, without a consumer group.
+
+    ``committed_only`` reads like any Flywheel consumer (``read_committed``): records of aborted
+    transactions are not returned. Pass False to see everything the log holds.
+    """
     layout = await partitions_of(config, topics)
     consumer = AIOKafkaConsumer(**config.client_kwargs(), enable_auto_commit=False, group_id=None,
-                                auto_offset_reset="earliest")
+                                auto_offset_reset="earliest",
+                                isolation_level="read_committed" if committed_only else "read_uncommitted")
     await consumer.start()
     try:
         partitions = [TopicPartition(t, p) for t in topics for p in layout[t]]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
+        # The end of what this consumer can read: the last stable offset under read_committed.
         ends = await consumer.end_offsets(partitions)
         remaining = {tp for tp in partitions if ends[tp] > await consumer.position(tp)}
         out: list[Recorded] = []

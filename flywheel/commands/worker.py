@@ -1,0 +1,27 @@
+"""``flywheel worker --model NAME``: serve one model's RoutingDecisions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+from core.catalog import CATALOG
+from flywheel.settings import get_settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, choices=sorted(CATALOG))
+    parser.add_argument("--worker-id", default=None, help="stable id (default: host-pid)")
+    parser.add_argument("--policy", default="slo_odbs", choices=["slo_odbs", "fcfs_static", "fcfs_continuous", "sjf"])
+    parser.add_argument("--engine", default="auto", choices=["auto", "torch", "vllm"])
+    parser.add_argument("--rollout-sample", type=float, default=0.25)
+
+
+def run(args: argparse.Namespace) -> int:
+    from workers.main import serve
+
+    cpus = os.environ.get("FLYWHEEL_WORKER_CPUS")
+    return serve(get_settings(), args.model, args.worker_id or f"{socket.gethostname()}-{os.getpid()}",
+                 args.policy, args.engine, args.rollout_sample,
+                 [int(c) for c in cpus.split(",")] if cpus else None)

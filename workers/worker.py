@@ -1,0 +1,421 @@
+"""The inference worker: RoutingDecisions for one model in, responses out.
+
+Threads: the ``ServingLoop`` (scheduler + engine) runs in its own thread, one ``step()`` after
+another; Kafka I/O runs on the asyncio loop. Steps hand their events to the loop through a queue.
+
+Delivery. An offset is committed only once every decision before it on its partition is
+answered (or dead-lettered, or skipped as already answered). On Apache Kafka the final responses
+(and sampled rollouts) of a step are produced in ONE transaction with those offsets, so a crash
+never leaves a committed final without its offset or the reverse. Streamed chunks are produced
+outside the transaction (they must flow while generating); a regenerated request repeats chunk
+indexes, which readers deduplicate. A request id found in the ``final_responses`` ledger is never
+generated again. On a rebalance the worker aborts the work of revoked partitions and finishes any
+transaction in flight before giving them up, so the new owner starts exactly after the last
+committed answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+
+from core.catalog import get_model
+from core.errors import DeadLetterError, ValidationError
+from core.validation import RequestLimits, validate_request
+from flywheel.connect import Services
+from flywheel.telemetry import QUEUE_LENGTH, REQUEST_LATENCY, RESPONSES, RUNNING, SLO, TOKENS
+from streams.dlq import DeadLetters
+from streams.events import envelope, event_time_ms, prompt_text
+from streams.kafka import EventConsumer, EventProducer, Received
+from streams.tracing import process_context
+from workers.engines.base import SamplingParams
+from workers.serving import ChunkEvent, FinalEvent, ServeRequest, ServingLoop
+
+log = logging.getLogger(__name__)
+SLO_SECONDS = {"interactive": 20.0, "standard": 60.0, "batch": 600.0}
+"""Default completion targets per SLO class when a request carries no deadline."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str
+    worker_id: str
+    max_inflight: int = 32
+    """Decisions admitted but not answered before the worker stops fetching (Kafka holds the rest)."""
+    rollout_sample: float = 0.25
+    """Share of served responses also published as Rollouts for the trainer."""
+    heartbeat_interval_s: float = 2.0
+    max_adapters: int = 16
+    """LoRA adapters kept loaded (least recently used are unloaded)."""
+
+
+@dataclass
+class _InFlight:
+    tp: TopicPartition
+    offset: int
+    decision: dict[str, Any]
+    headers: list[tuple[str, bytes]]
+    started: float = field(default_factory=time.monotonic)
+
+
+class OffsetTracker:
+    """Per partition: the offsets seen and those still unanswered; the commit position is the
+    lowest unanswered offset (or one past the highest seen)."""
+
+    def __init__(self) -> None:
+        self.open: dict[TopicPartition, set[int]] = {}
+        self.seen: dict[TopicPartition, int] = {}
+        self.committed: dict[TopicPartition, int] = {}
+
+    def seen_offset(self, tp: TopicPartition, offset: int, open_: bool) -> None:
+        self.seen[tp] = max(self.seen.get(tp, -1), offset)
+        if open_:
+            self.open.setdefault(tp, set()).add(offset)
+
+    def close(self, tp: TopicPartition, offset: int) -> None:
+        self.open.get(tp, set()).discard(offset)
+
+    def positions(self) -> dict[TopicPartition, int]:
+        """Commit positions that moved since the last call to ``mark_committed``."""
+        out = {}
+        for tp, high in self.seen.items():
+            pending = self.open.get(tp)
+            position = min(pending) if pending else high + 1
+            if position > self.committed.get(tp, -1):
+                out[tp] = position
+        return out
+
+    def mark_committed(self, positions: dict[TopicPartition, int]) -> None:
+        self.committed.update(positions)
+
+    def forget(self, tps: set[TopicPartition]) -> None:
+        for tp in tps:
+            self.open.pop(tp, None)
+            self.seen.pop(tp, None)
+            self.committed.pop(tp, None)
+
+
+class InferenceWorker:
+    def __init__(self, services: Services, serving: ServingLoop, config: WorkerConfig) -> None:
+        self.s = services
+        self.serving = serving
+        self.config = config
+        self.spec = get_model(config.model)
+        self.catalog = services.catalog
+        self.group = f"{services.settings.topic_prefix}flywheel-worker-{config.model}"
+        self.limits = RequestLimits(services.settings.max_prompt_chars, services.settings.max_tokens_limit)
+        # Subscribed in run(), with a rebalance listener.
+        self.consumer = EventConsumer(services.kafka, services.serde, [], group_id=self.group,
+                                      capabilities=services.capabilities, max_poll_interval_ms=600_000)
+        self.chunks = EventProducer(services.kafka, services.serde, services.capabilities, linger_ms=2)
+        self.finals = EventProducer(services.kafka, services.serde, services.capabilities,
+                                    transactional_id=f"{self.group}-{config.worker_id}")
+        # Dead letters go through the non-transactional producer and are acknowledged before the
+        # offset past them is committed.
+        self.dlq = DeadLetters(self.chunks, self.catalog.dlq("worker"), "worker")
+        self.tracker = OffsetTracker()
+        self.inflight: dict[str, _InFlight] = {}
+        self.user_adapters: dict[str, tuple[str, str]] = {}  # user -> (hash, uri), newest announced
+        self.loaded: OrderedDict[str, None] = OrderedDict()
+        self.events: asyncio.Queue[list[Any]] = asyncio.Queue()
+        self.txn_lock = asyncio.Lock()
+        self.stop = asyncio.Event()
+        self._wake = threading.Event()
+        self._rng = random.Random(config.worker_id)
+
+    # -- engine thread -------------------------------------------------------------------------
+    def _engine_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        while not self.stop.is_set():
+            if not self.serving.has_work():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            events = self.serving.step()
+            if events:
+                loop.call_soon_threadsafe(self.events.put_nowait, events)
+
+    # -- consuming decisions -------------------------------------------------------------------
+    async def _answered(self, request_ids: list[str]) -> set[str]:
+        rows = await self.s.pool.fetch("SELECT request_id FROM final_responses WHERE request_id = ANY($1::text[])",
+                                       request_ids)
+        return {r["request_id"] for r in rows}
+
+    async def _admit_batch(self, batch: list[Received]) -> None:
+        decoded = [item for item in batch if item.event is not None]
+        done = await self._answered([i.event["request"]["request_id"] for i in decoded if i.event]) \
+            if decoded else set()
+        for item in batch:
+            r = item.record
+            tp = item.tp
+            if item.error is not None:
+                await self.dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
+                                       value=r.value, headers=item.headers, error=item.error)
+                self.tracker.seen_offset(tp, r.offset, open_=False)
+                continue
+            decision = item.event
+            assert decision is not None
+            request = decision["request"]
+            rid = request["request_id"]
+            if rid in done or rid in self.inflight:
+                self.tracker.seen_offset(tp, r.offset, open_=False)  # answered before, or re-delivered now
+                continue
+            try:
+                validate_request(request, self.limits)
+                serve = await self._serve_request(request)
+            except DeadLetterError as exc:
+                await self.dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
+                                       value=r.value, headers=item.headers, error=exc, event=decision)
+                self.tracker.seen_offset(tp, r.offset, open_=False)
+                continue
+            self.tracker.seen_offset(tp, r.offset, open_=True)
+            self.inflight[rid] = _InFlight(tp, r.offset, decision, item.headers)
+            self.serving.admit(serve)
+        self._wake.set()
+
+    async def _serve_request(self, request: dict[str, Any]) -> ServeRequest:
+        engine: Any = self.serving.engine
+        if request.get("messages"):
+            messages = [{"role": m["role"], "content": m["content"]} for m in request["messages"]]
+            try:
+                text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # a template that rejects this conversation (e.g. role order)
+                raise ValidationError(f"the {self.config.model} chat template rejects these messages: {exc}") from exc
+            prompt_ids: tuple[int, ...] | None = tuple(engine.tokenizer.encode(text, add_special_tokens=False))
+        else:
+            prompt_ids = None
+        sampling = request["sampling"]
+        params = SamplingParams(max_tokens=request["max_tokens"], temperature=sampling["temperature"],
+                                top_p=sampling["top_p"], seed=sampling["seed"], stop=tuple(sampling["stop"]))
+        deadline = request.get("deadline")
+        if deadline is not None:
+            deadline_ms = deadline if isinstance(deadline, int) else int(deadline.timestamp() * 1000)
+            slo_s = max(0.0, (deadline_ms - event_time_ms(request)) / 1000.0)
+        else:
+            slo_s = SLO_SECONDS.get(request["slo_class"], 60.0)
+        adapter = await self._adapter_for(request["user_id"])
+        return ServeRequest(request_id=request["request_id"], prompt=prompt_text(request), sampling=params,
+                            adapter=adapter, slo_s=slo_s, slo_class=request["slo_class"], prompt_ids=prompt_ids)
+
+    async def _adapter_for(self, user_id: str) -> str | None:
+        """The user's newest adapter, loaded on first use. Only this user's requests get it."""
+        announced = self.user_adapters.get(user_id)
+        if announced is None:
+            return None
+        adapter_hash, uri = announced
+        if adapter_hash not in self.loaded:
+            try:
+                await asyncio.to_thread(self.serving.load_adapter, adapter_hash, uri)
+            except Exception as exc:  # a missing or corrupt adapter degrades to the base model
+                log.warning("cannot load adapter %s for %s: %s", adapter_hash[:12], user_id, exc)
+                return None
+            self.loaded[adapter_hash] = None
+            while len(self.loaded) > self.config.max_adapters:
+                old, _ = self.loaded.popitem(last=False)
+                await asyncio.to_thread(self.serving.unload_adapter, old)
+        self.loaded.move_to_end(adapter_hash)
+        return adapter_hash
+
+    async def _consume(self) -> None:
+        batches = self.consumer.batches(timeout_ms=100, max_records=16)
+        while not self.stop.is_set():
+            if len(self.inflight) >= self.config.max_inflight:
+                await asyncio.sleep(0.05)  # backpressure: Kafka holds the rest
+                continue
+            batch = await anext(batches)
+            if batch:
+                await self._admit_batch(batch)
+                await self._commit(finals=[])  # positions past skipped or dead-lettered records
+
+    # -- producing answers -----------------------------------------------------------------------
+    def _response(self, final: FinalEvent, flight: _InFlight) -> dict[str, Any]:
+        request = flight.decision["request"]
+        return {
+            **envelope(request["request_id"], request["tenant_id"], request["user_id"]),
+            "request_id": request["request_id"], "model": self.config.model, "model_version": final.model_version,
+            "adapter_version": final.adapter_version or None, "text": final.text,
+            "prompt_tokens": final.prompt_tokens, "completion_tokens": final.output_tokens,
+            "queue_ms": final.queue_s * 1000, "first_token_ms": final.first_token_s * 1000,
+            "total_ms": final.total_s * 1000,
+            "finish_reason": final.finish_reason if final.finish_reason in ("stop", "length") else "error",
+            "worker_id": self.config.worker_id,
+            "cost_usd": self.spec.cost(final.prompt_tokens, final.output_tokens), "error": None,
+        }
+
+    def _rollout(self, final: FinalEvent, flight: _InFlight) -> dict[str, Any] | None:
+        if self._rng.random() >= self.config.rollout_sample:
+            return None
+        request = flight.decision["request"]
+        token_ids = list(getattr(final, "output_token_ids", ()) or [])
+        logprobs = list(getattr(final, "output_logprobs", ()) or [])
+        return {
+            **envelope(request["request_id"], request["tenant_id"], request["user_id"]),
+            "request_id": request["request_id"], "model": self.config.model, "model_version": final.model_version,
+            "prompt": prompt_text(request), "response": final.text,
+            "prompt_token_ids": list(getattr(final, "prompt_token_ids", ()) or []),
+            "response_token_ids": token_ids, "token_logprobs": logprobs, "source": "live"}
+
+    async def _commit(self, finals: list[tuple[FinalEvent, _InFlight]]) -> None:
+        """Produce finals (and rollouts) and commit offsets: atomically where transactions exist."""
+        responses = [(self._response(f, fl), fl) for f, fl in finals]
+        rollouts = [r for final, flight in finals if (r := self._rollout(final, flight)) is not None]
+        async with self.txn_lock:
+            for _, flight in responses:
+                self.tracker.close(flight.tp, flight.offset)
+            positions = self.tracker.positions()
+            if not responses and not positions:
+                return
+            if self.finals.transactional:
+                async with self.finals.raw.transaction():
+                    await self._send(responses, rollouts)
+                    if positions:
+                        await self.finals.raw.send_offsets_to_transaction(positions, self.group)
+            else:
+                futures = await self._send(responses, rollouts)
+                await asyncio.gather(*futures)
+                if positions:
+                    await self.consumer.commit(positions)
+            self.tracker.mark_committed(positions)
+        if responses:
+            await self.s.pool.executemany(
+                "INSERT INTO final_responses (request_id, user_id, model, worker_id, response) VALUES "
+                "($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING",
+                [(resp["request_id"], resp["user_id"], self.config.model, self.config.worker_id,
+                  {k: v for k, v in resp.items() if k != "event_time"}) for resp, _ in responses])
+
+    async def _send(self, responses: list[tuple[dict[str, Any], _InFlight]], rollouts: list[dict[str, Any]]
+                    ) -> list[Any]:
+        futures = []
+        for response, flight in responses:
+            with process_context(flight.tp.topic, flight.headers, flight.tp.partition, flight.offset):
+                futures.append(await self.finals.send(self.catalog.responses, response, key=response["request_id"]))
+        for rollout in rollouts:
+            futures.append(await self.finals.send(self.catalog.rollouts, rollout, key=rollout["request_id"]))
+        return futures
+
+    async def _publish(self) -> None:
+        while not self.stop.is_set():
+            events = await self.events.get()
+            finals: list[tuple[FinalEvent, _InFlight]] = []
+            for event in events:
+                flight = self.inflight.get(event.request_id)
+                if flight is None:
+                    continue  # aborted (partition revoked): its new owner answers it
+                if isinstance(event, ChunkEvent):
+                    request = flight.decision["request"]
+                    chunk = {**envelope(event.request_id, request["tenant_id"], request["user_id"]),
+                             "request_id": event.request_id, "index": event.index, "delta": event.text,
+                             "model": self.config.model}
+                    await self.chunks.send(self.catalog.chunks, chunk, key=event.request_id)
+                else:
+                    finals.append((event, flight))
+            if finals:
+                await self._commit(finals)
+                for final, _ in finals:
+                    self.inflight.pop(final.request_id, None)
+                    RESPONSES.labels(self.config.model, final.finish_reason).inc()
+                    TOKENS.labels(self.config.model).inc(final.output_tokens)
+                    REQUEST_LATENCY.labels(self.config.model).observe(final.total_s)
+                    if final.slo_met is not None:
+                        SLO.labels(self.config.model, str(final.slo_met).lower()).inc()
+
+    # -- rebalances, adapters, checkpoints, heartbeats ----------------------------------------------
+    async def revoke(self, revoked: set[TopicPartition]) -> None:
+        """Give up partitions: abort their in-flight work, finish any transaction in flight."""
+        for rid, flight in list(self.inflight.items()):
+            if flight.tp in revoked:
+                self.serving.abort(rid)
+                del self.inflight[rid]
+        async with self.txn_lock:
+            self.tracker.forget(revoked)
+
+    async def _follow_state(self) -> None:
+        consumer = EventConsumer(self.s.kafka, self.s.serde, [self.catalog.adapters, self.catalog.models_topic],
+                                 group_id=None, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            async for batch in consumer.batches(timeout_ms=500):
+                for item in batch:
+                    event = item.event
+                    if event is None:
+                        continue
+                    if item.record.topic == self.catalog.adapters:
+                        if event["base_model"] == self.config.model:
+                            self.user_adapters[event["user_id"]] = (event["adapter_hash"], event["uri"])
+                    elif event["model"] == self.config.model and event["version"] != self.serving.engine.model_version:
+                        log.info("loading checkpoint %s (step %d)", event["version"], event["step"])
+                        try:
+                            await asyncio.to_thread(self.serving.load_checkpoint, event["version"], event["uri"])
+                        except Exception as exc:
+                            log.error("checkpoint %s failed to load: %s", event["version"], exc)
+                if self.stop.is_set():
+                    return
+        finally:
+            await consumer.stop()
+
+    async def _heartbeat(self) -> None:
+        producer = EventProducer(self.s.kafka, self.s.serde, self.s.capabilities)
+        await producer.start()
+        try:
+            while not self.stop.is_set():
+                stats = self.serving.stats()
+                QUEUE_LENGTH.labels(self.config.model, self.config.worker_id).set(stats["queue_length"])
+                RUNNING.labels(self.config.model, self.config.worker_id).set(stats["running"])
+                beat = {**envelope(self.config.worker_id, "system", "system"), "worker_id": self.config.worker_id,
+                        "model": self.config.model, "model_version": stats["model_version"], "healthy": True,
+                        "queue_length": stats["queue_length"], "running": stats["running"],
+                        "tokens_per_s": float(stats["tokens_per_s"]),
+                        "memory_rss_mb": stats["memory_rss_bytes"] / 2**20,
+                        "loaded_adapters": list(stats["loaded_adapters"]), "policy": stats["policy"],
+                        "interval_ms": int(self.config.heartbeat_interval_s * 1000)}
+                await producer.send_and_wait(self.catalog.heartbeats, beat, key=self.config.worker_id)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), self.config.heartbeat_interval_s)
+        finally:
+            await producer.stop()
+
+    async def run(self) -> None:
+        await self.chunks.start()
+        await self.finals.start()
+        worker = self
+
+        class Listener(ConsumerRebalanceListener):
+            async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+                await worker.revoke(set(revoked))
+
+            async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+                log.info("assigned %s", sorted(tp.partition for tp in assigned))
+
+        self.consumer.raw.subscribe([self.catalog.decisions(self.config.model)], listener=Listener())
+        await self.consumer.start()
+        loop = asyncio.get_running_loop()
+        thread = threading.Thread(target=self._engine_thread, args=(loop,), name="engine", daemon=True)
+        thread.start()
+        tasks = [asyncio.create_task(c, name=n) for c, n in ((self._consume(), "consume"),
+                                                              (self._publish(), "publish"),
+                                                              (self._follow_state(), "state"),
+                                                              (self._heartbeat(), "heartbeat"))]
+        try:
+            stopper = asyncio.create_task(self.stop.wait())
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = None if task is stopper else task.exception()
+                if error is not None:
+                    raise error
+        finally:
+            self.stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            thread.join(10)
+            await self.consumer.stop()
+            await self.chunks.stop()
+            await self.finals.stop()
