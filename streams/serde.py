@@ -35,7 +35,7 @@ def frame(schema_id: int, body: bytes) -> bytes:
     return HEADER.pack(MAGIC_BYTE, schema_id) + body
 
 
-def unframe(data: bytes) -> tuple[int, memoryview]:
+def unframe(data: bytes | None) -> tuple[int, memoryview]:
     """Split wire bytes into (schema id, Avro body); SerializationError if not our format."""
     if data is None:
         raise SerializationError("record has no value (tombstone) where an event was expected")
@@ -103,7 +103,7 @@ class AvroSerde:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ValidationError(f"cannot encode {contract.name}: {exc}") from exc
 
-    async def deserialize(self, data: bytes) -> tuple[int, dict[str, Any]]:
+    async def deserialize(self, data: bytes | None) -> tuple[int, dict[str, Any]]:
         schema_id, body = unframe(data)
         writer = self._parsed_by_id.get(schema_id)
         if writer is None:

@@ -78,7 +78,7 @@ def normalise(event: dict[str, Any], ignore: Iterable[str]) -> str:
 async def _decode_by_key(serde: AvroSerde, records: list[Recorded], ignore: Iterable[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = defaultdict(list)
     for r in records:
-        _, event = await serde.deserialize(r.value)  # type: ignore[arg-type]
+        _, event = await serde.deserialize(r.value)
         out[(r.key or b"").decode(errors="replace")].append(normalise(event, ignore))
     return dict(out)
 
