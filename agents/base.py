@@ -14,9 +14,10 @@ the same uvloop event loop, so agents never see a half-initialised service.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import faust
@@ -113,6 +114,25 @@ async def decode(services: Services, event: Any, dlq: DeadLetters) -> dict[str, 
         await dlq.publish(topic=message.topic, partition=message.partition, offset=message.offset,
                           key=message.key, value=message.value, headers=headers, error=exc)
         return None
+
+
+def exits_on_error(body: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+    """Wrap an agent body: an unexpected error ends the process (exit 70) for the supervisor to
+    restart it. faust would otherwise ack the failing events and restart the agent, and an event
+    must never be acknowledged without its outputs; dying aborts the open transaction instead."""
+
+    @functools.wraps(body)
+    async def guarded(stream: Any) -> None:
+        try:
+            await body(stream)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.critical("agent %s failed; exiting for a restart", body.__name__, exc_info=True)
+            logging.shutdown()
+            os._exit(70)
+
+    return guarded
 
 
 def crash_process_on_error(task: asyncio.Task[Any]) -> None:

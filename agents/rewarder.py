@@ -11,7 +11,7 @@ from typing import Any
 
 import faust
 
-from agents.base import FaustSink, decode, make_app, raw_topic, run_agent_process
+from agents.base import FaustSink, decode, exits_on_error, make_app, raw_topic, run_agent_process
 from core.errors import DeadLetterError
 from core.rewards import rewards_from_feedback
 from flywheel.connect import Services
@@ -47,6 +47,7 @@ def build(services: Services) -> faust.App:
     catalog = services.catalog
 
     @app.agent(raw_topic(app, catalog.feedback), name="feedback-to-rewards")
+    @exits_on_error
     async def feedback_to_rewards(stream: Any) -> None:
         async for event in stream.events():
             message = event.message

@@ -25,7 +25,15 @@ import faust
 import numpy as np
 from aiokafka import AIOKafkaConsumer
 
-from agents.base import FaustSink, crash_process_on_error, decode, make_app, raw_topic, run_agent_process
+from agents.base import (
+    FaustSink,
+    crash_process_on_error,
+    decode,
+    exits_on_error,
+    make_app,
+    raw_topic,
+    run_agent_process,
+)
 from agents.router_feedback import FeedbackApplier, load_state, prompt_key
 from core.catalog import CATALOG, ModelSpec
 from core.embedding import get_embedder
@@ -42,6 +50,11 @@ from streams.tracing import process_context
 
 log = logging.getLogger(__name__)
 ROUTER_NAME = "eagle"
+
+
+def journal_name(services: Services) -> str:
+    """The router's journal key: one per deployment (topic prefix), since offsets are per topic."""
+    return f"{services.settings.topic_prefix}{ROUTER_NAME}"
 ROUTER_WAIT_S = 30.0
 HEARTBEAT_STALE_S = 10.0
 
@@ -91,8 +104,9 @@ class Router:
         self.ready = asyncio.Event()
 
     async def start(self, dlq: DeadLetters, stop: asyncio.Event) -> list[asyncio.Task[None]]:
-        state, offset = await load_state(self.services.pool, ROUTER_NAME, self.config, self.models)
-        self.applier = FeedbackApplier(self.services, state, offset, ROUTER_NAME, self.embedder, dlq)
+        name = journal_name(self.services)
+        state, offset = await load_state(self.services.pool, name, self.config, self.models)
+        self.applier = FeedbackApplier(self.services, state, offset, name, self.embedder, dlq)
         self.ready.set()
         return [asyncio.create_task(self.applier.run(stop), name="router-feedback"),
                 asyncio.create_task(self._follow_heartbeats(stop), name="router-heartbeats")]
@@ -195,6 +209,7 @@ def build(services: Services) -> faust.App:
             task.add_done_callback(crash_process_on_error)
 
     @app.agent(raw_topic(app, catalog.requests), name="route-requests")
+    @exits_on_error
     async def route_requests(stream: Any) -> None:
         async for events in stream.take_events(16, within=0.02):
             batch = []

@@ -65,6 +65,13 @@ class Supervisor:
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", child.spec.name, child.process.pid)
 
+    def add(self, spec: ChildSpec) -> None:
+        """Supervise one more child (e.g. another worker replica) and start it now."""
+        if spec.name in self.children:
+            raise ValueError(f"a child named {spec.name!r} already exists")
+        self.children[spec.name] = Child(spec)
+        self._spawn(self.children[spec.name])
+
     def start_all(self) -> None:
         for child in self.children.values():
             self._spawn(child)

@@ -297,7 +297,8 @@ class EventConsumer:
                     batch.append(await self.decode(record))
             yield batch
 
-    async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+    async def commit(self, offsets: dict[TopicPartition, int] | dict[TopicPartition, tuple[int, str]] | None = None
+                     ) -> None:
         await self.raw.commit(offsets)
 
 

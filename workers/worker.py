@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from core.catalog import get_model
 from core.errors import DeadLetterError, ValidationError
@@ -68,40 +69,72 @@ class _InFlight:
 
 
 class OffsetTracker:
-    """Per partition: the offsets seen and those still unanswered; the commit position is the
-    lowest unanswered offset (or one past the highest seen)."""
+    """Commit positions for out-of-order completion, without ever answering a request twice.
+
+    Requests finish out of order (continuous batching), but a Kafka offset is a position: it can
+    only move past offsets that are all answered. So each commit carries, in the offset's
+    metadata, the offsets *beyond* the position that are already answered ("done"). The metadata
+    is committed in the same transaction as their final responses, so after a crash or rebalance
+    the partition's next owner restores it and skips exactly those offsets.
+    """
 
     def __init__(self) -> None:
         self.open: dict[TopicPartition, set[int]] = {}
+        self.done: dict[TopicPartition, set[int]] = {}
         self.seen: dict[TopicPartition, int] = {}
-        self.committed: dict[TopicPartition, int] = {}
+        self.committed: dict[TopicPartition, tuple[int, str]] = {}
+
+    def restore(self, tp: TopicPartition, position: int, metadata: str) -> None:
+        """Seed a newly assigned partition from its committed offset and metadata."""
+        self.open[tp] = set()
+        self.done[tp] = decode_done(position, metadata)
+        self.seen[tp] = position - 1
+        self.committed[tp] = (position, metadata)
+
+    def is_done(self, tp: TopicPartition, offset: int) -> bool:
+        return offset in self.done.get(tp, ())
 
     def seen_offset(self, tp: TopicPartition, offset: int, open_: bool) -> None:
         self.seen[tp] = max(self.seen.get(tp, -1), offset)
-        if open_:
-            self.open.setdefault(tp, set()).add(offset)
+        (self.open if open_ else self.done).setdefault(tp, set()).add(offset)
 
     def close(self, tp: TopicPartition, offset: int) -> None:
-        self.open.get(tp, set()).discard(offset)
+        if offset in self.open.get(tp, set()):
+            self.open[tp].discard(offset)
+            self.done.setdefault(tp, set()).add(offset)
 
-    def positions(self) -> dict[TopicPartition, int]:
-        """Commit positions that moved since the last call to ``mark_committed``."""
+    def positions(self) -> dict[TopicPartition, tuple[int, str]]:
+        """(position, metadata) of every partition whose commit would change."""
         out = {}
         for tp, high in self.seen.items():
             pending = self.open.get(tp)
             position = min(pending) if pending else high + 1
-            if position > self.committed.get(tp, -1):
-                out[tp] = position
+            done = {o for o in self.done.get(tp, set()) if o >= position}
+            self.done[tp] = done
+            metadata = encode_done(position, done)
+            if (position, metadata) != self.committed.get(tp):
+                out[tp] = (position, metadata)
         return out
 
-    def mark_committed(self, positions: dict[TopicPartition, int]) -> None:
+    def mark_committed(self, positions: dict[TopicPartition, tuple[int, str]]) -> None:
         self.committed.update(positions)
 
     def forget(self, tps: set[TopicPartition]) -> None:
         for tp in tps:
-            self.open.pop(tp, None)
-            self.seen.pop(tp, None)
-            self.committed.pop(tp, None)
+            for table in (self.open, self.done, self.seen, self.committed):
+                table.pop(tp, None)
+
+
+def encode_done(position: int, done: set[int]) -> str:
+    """Answered offsets beyond the position, as deltas: "3,7" = position+3 and position+7."""
+    return ",".join(str(o - position) for o in sorted(done))
+
+
+def decode_done(position: int, metadata: str) -> set[int]:
+    try:
+        return {position + int(d) for d in metadata.split(",") if d.strip()}
+    except ValueError:
+        return set()  # foreign metadata (another tool committed): nothing known to be done
 
 
 class InferenceWorker:
@@ -165,7 +198,7 @@ class InferenceWorker:
             assert decision is not None
             request = decision["request"]
             rid = request["request_id"]
-            if rid in done or rid in self.inflight:
+            if self.tracker.is_done(tp, r.offset) or rid in done or rid in self.inflight:
                 self.tracker.seen_offset(tp, r.offset, open_=False)  # answered before, or re-delivered now
                 continue
             try:
@@ -337,6 +370,22 @@ class InferenceWorker:
         async with self.txn_lock:
             self.tracker.forget(revoked)
 
+    async def restore(self, assigned: set[TopicPartition]) -> None:
+        """Seed newly assigned partitions with their committed position and answered offsets."""
+        if not assigned:
+            return
+        admin = AIOKafkaAdminClient(**self.s.kafka.client_kwargs())
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(self.group, partitions=list(assigned))
+        finally:
+            await admin.close()
+        async with self.txn_lock:
+            for tp in assigned:
+                found = committed.get(tp)
+                if found is not None and found.offset >= 0:
+                    self.tracker.restore(tp, found.offset, found.metadata or "")
+
     async def _follow_state(self) -> None:
         consumer = EventConsumer(self.s.kafka, self.s.serde, [self.catalog.adapters, self.catalog.models_topic],
                                  group_id=None, auto_offset_reset="earliest")
@@ -392,6 +441,7 @@ class InferenceWorker:
                 await worker.revoke(set(revoked))
 
             async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+                await worker.restore(set(assigned))
                 log.info("assigned %s", sorted(tp.partition for tp in assigned))
 
         self.consumer.raw.subscribe([self.catalog.decisions(self.config.model)], listener=Listener())

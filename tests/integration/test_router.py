@@ -96,8 +96,6 @@ async def test_router_decisions_feedback_restart_and_liveness(kafka_broker, post
     prefix = f"router{uuid.uuid4().hex[:6]}."
     services = await connect(make_settings(topic_prefix=prefix), "router-test", run_migrations=True,
                              create_topics=True)
-    await services.pool.execute("DELETE FROM router_state WHERE router_name = 'eagle'")
-    await services.pool.execute("DELETE FROM router_feedback WHERE router_name = 'eagle'")
     try:
         async with Harness(services) as h:
             h.beating = {SMOL, GEMMA}
