@@ -34,6 +34,11 @@ case "$cmd" in
     ;;
   test)
     install
+    if ! command -v chromium >/dev/null 2>&1; then
+      # The dashboard test drives Debian's headless Chromium.
+      if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+      else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
+    fi
     export FLYWHEEL_HOME="$PWD/.flywheel-test" FLYWHEEL_KAFKA_PORT=29092 FLYWHEEL_KAFKA_CONTROLLER_PORT=29093 \
            FLYWHEEL_POSTGRES_PORT=25432
     echo "== lint and types"
