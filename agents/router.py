@@ -50,6 +50,9 @@ from streams.tracing import process_context
 
 log = logging.getLogger(__name__)
 ROUTER_NAME = "eagle"
+ROUTER_CONFIG = EagleConfig(neighbours=40)
+"""Eagle as benchmarked (docs/bench/routing.md): paper K, scale and P; N = 40 and the documented
+gap fillers chosen by cross-validation on the train split (docs/ROUTING.md)."""
 
 
 def journal_name(services: Services) -> str:
@@ -94,7 +97,7 @@ class Liveness:
 class Router:
     def __init__(self, services: Services, config: EagleConfig | None = None) -> None:
         self.services = services
-        self.config = config or EagleConfig()
+        self.config = config or ROUTER_CONFIG
         self.models = tuple(services.catalog.models)
         self.limits = RequestLimits(services.settings.max_prompt_chars, services.settings.max_tokens_limit)
         self.liveness = Liveness()

@@ -28,9 +28,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.router import journal_name
+from agents.router import ROUTER_CONFIG, journal_name
 from agents.router_feedback import load_state, prompt_key
-from core.routing.eagle import EagleConfig
 from core.routing.state import RouterFeedback, RouterState
 from flywheel.client import FlywheelClient
 from flywheel.connect import Services, connect
@@ -194,7 +193,7 @@ class ChaosSystem:
         assert self.services is not None
         svc = self.services
         records = await read_topics(svc.kafka, [svc.catalog.feedback])
-        state = RouterState(EagleConfig(), tuple(svc.catalog.models))
+        state = RouterState(ROUTER_CONFIG, tuple(svc.catalog.models))
         rows = await svc.pool.fetch("SELECT request_id, prompt_key, embedding FROM request_embeddings")
         from agents.router_feedback import as_vector
 
@@ -234,10 +233,10 @@ class ChaosSystem:
         feedback_lost = sum(1 for f in feedback_ids if f not in on_topic)
         replay, last_offset = await self.replayed_state()
         deadline = time.monotonic() + 120
-        live, offset = await load_state(svc.pool, journal_name(svc), EagleConfig(), tuple(svc.catalog.models))
+        live, offset = await load_state(svc.pool, journal_name(svc), ROUTER_CONFIG, tuple(svc.catalog.models))
         while offset < last_offset and time.monotonic() < deadline:
             await asyncio.sleep(1)
-            live, offset = await load_state(svc.pool, journal_name(svc), EagleConfig(), tuple(svc.catalog.models))
+            live, offset = await load_state(svc.pool, journal_name(svc), ROUTER_CONFIG, tuple(svc.catalog.models))
         match = (offset >= last_offset and live.ranker.global_ratings() == replay.ranker.global_ratings()
                  and live.ranker.applied == replay.ranker.applied)
         notes = [] if match else [f"live offset {offset} vs topic {last_offset}; live {live.ranker.global_ratings()} "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from core.errors import DeadLetterError
@@ -47,7 +47,7 @@ class FuzzReport:
 
 def _hypothesis(cases: int) -> settings:
     return settings(max_examples=cases, database=None, deadline=None, derandomize=False,
-                    phases=(Phase.generate,), suppress_health_check=list(HealthCheck))
+                    phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
 
 
 async def _serde() -> tuple[AvroSerde, dict[str, bytes]]:
@@ -195,8 +195,12 @@ def fuzz_gateway_bodies(cases: int) -> FuzzReport:
         st.just(b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}'),
     )
 
+    valid = json.dumps({"model": "auto", "max_tokens": 16,
+                        "messages": [{"role": "user", "content": "What is 2+3?"}]}).encode()
+
     @_hypothesis(cases)
     @given(bodies)
+    @example(valid)  # the accept path is always exercised, whatever the generator draws
     def run(body: bytes) -> None:
         report.cases += 1
         try:
