@@ -1,0 +1,272 @@
+"""The synchronous serving loop a worker wraps: admit requests, step the engine, emit events.
+
+One ``step()`` is one iteration, exactly schedule -> execute -> update (vLLM v1's EngineCore):
+
+1. drain the inbox (requests and aborts handed in by other threads), tokenise, predict lengths;
+2. ``plan = policy.schedule(now)``; hand newly admitted requests to the engine;
+3. ``outputs = engine.execute(plan.batch)``; stream each text delta as a ``ChunkEvent``;
+4. ``policy.update(plan, results)``; every completed request is released from the engine, gets
+   one ``FinalEvent`` and teaches the length predictor its true output length.
+
+Threading: ``admit`` and ``abort`` only append to a thread-safe inbox, so an asyncio thread can
+call them without waiting for a step; ``step`` and the weight-changing calls (adapters,
+checkpoints) hold one lock, so weights never change in the middle of an iteration. There is no
+asyncio in here: the Kafka worker runs ``step`` in a thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.scheduling.cost import StepCostModel
+from core.scheduling.policies import SchedulerConfig, StepResult, make_scheduler
+from core.scheduling.predictor import LengthPredictor
+from core.scheduling.state import SchedRequest
+from workers.engines.base import BASE_ADAPTER, Engine, EngineRequest, SamplingParams
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    request_id: str
+    prompt: str
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None
+    """Content hash of a loaded LoRA adapter; None = base model. An adapter the engine has not
+    loaded falls back to the base model (the final's ``adapter_version`` is then "")."""
+    slo_s: float | None = None
+    """Seconds after arrival by which the final response is due; None = no SLO."""
+    slo_class: str = ""
+    arrival_s: float | None = None
+    """Arrival on the loop's clock; None = when ``step`` first sees it."""
+    prompt_ids: tuple[int, ...] | None = None
+    """Already tokenised prompt (skips the chat template)."""
+
+
+@dataclass(frozen=True)
+class ChunkEvent:
+    request_id: str
+    index: int
+    """0, 1, 2, ... per request, in order."""
+    text: str
+
+
+@dataclass(frozen=True)
+class FinalEvent:
+    request_id: str
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    queue_s: float
+    """Arrival to admission into a batch."""
+    first_token_s: float
+    """Arrival to the first generated token."""
+    total_s: float
+    """Arrival to completion."""
+    finish_reason: str
+    """``stop``, ``length`` or ``abort``."""
+    adapter_version: str
+    """Adapter hash used, or "" for the base model."""
+    model_version: str
+    """Base weights version when the request started."""
+    predicted_tokens: float
+    slo_met: bool | None
+    """None when the request had no SLO."""
+
+
+ServeEvent = ChunkEvent | FinalEvent
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    policy: str = "slo_odbs"
+    """``slo_odbs``, ``fcfs_static``, ``fcfs_continuous`` or ``sjf``."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    clamp_prediction_to_max_tokens: bool = True
+    """A request cannot outgrow ``max_tokens``; benchmarks that set max_tokens to the true
+    length turn this off so the scheduler does not see the answer."""
+    learn_online: bool = True
+    """Teach the predictor each completed request's true length."""
+    rate_window_s: float = 10.0
+    """Window of the tokens/s figure in ``stats()``."""
+
+
+@dataclass
+class _Live:
+    req: ServeRequest
+    prompt_ids: tuple[int, ...]
+    arrival_s: float
+    predicted: float
+    admitted_s: float | None = None
+    first_token_s: float | None = None
+    chunks: int = 0
+    parts: list[str] = field(default_factory=list)
+    reason: str = "length"
+    model_version: str = ""
+
+
+class ServingLoop:
+    def __init__(self, engine: Engine, predictor: LengthPredictor | None = None,
+                 config: ServingConfig | None = None, cost: StepCostModel | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.predictor = predictor or LengthPredictor()
+        self.config = config or ServingConfig()
+        self.clock = clock
+        self.scheduler = make_scheduler(self.config.policy, self.config.scheduler, cost)
+        self._live: dict[str, _Live] = {}
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._lock = threading.Lock()
+        self._rate: deque[tuple[float, int]] = deque()
+        self.steps = 0
+
+    # --- thread-safe entry points ------------------------------------------------------------
+    def admit(self, request: ServeRequest) -> None:
+        """Queue a request (any thread). A request id that is already live is ignored."""
+        self._inbox.append(("admit", request))
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request wherever it is (any thread); it gets no final event."""
+        self._inbox.append(("abort", request_id))
+
+    @property
+    def queue_length(self) -> int:
+        return self.scheduler.num_waiting + sum(1 for kind, _ in list(self._inbox) if kind == "admit")
+
+    @property
+    def running(self) -> int:
+        return self.scheduler.num_running
+
+    def has_work(self) -> bool:
+        return bool(self._inbox) or self.scheduler.has_work()
+
+    # --- the iteration --------------------------------------------------------------------------
+    def step(self) -> list[ServeEvent]:
+        with self._lock:
+            self._drain()
+            plan = self.scheduler.schedule(self.clock())
+            if plan.is_empty:
+                return []
+            start = self.clock()
+            for rid in plan.admitted:
+                live = self._live[rid]
+                live.admitted_s = start
+                live.model_version = self.engine.model_version
+                self.engine.submit(EngineRequest(rid, live.prompt_ids, live.req.sampling, live.req.adapter))
+            outputs = self.engine.execute(plan.batch)
+            now = self.clock()
+            self.steps += 1
+            events: list[ServeEvent] = []
+            results: dict[str, StepResult] = {}
+            produced = 0
+            for rid in plan.batch:
+                out = outputs[rid]
+                live = self._live[rid]
+                if out.token_ids and live.first_token_s is None:
+                    live.first_token_s = now
+                produced += len(out.token_ids)
+                if out.text:
+                    events.append(ChunkEvent(rid, live.chunks, out.text))
+                    live.chunks += 1
+                    live.parts.append(out.text)
+                if out.finished and out.finish_reason:
+                    live.reason = out.finish_reason
+                results[rid] = StepResult(new_tokens=len(out.token_ids), finished=out.finished)
+            self._rate.append((now, produced))
+            for req in self.scheduler.update(plan, results, now):
+                events.append(self._finish(req, now))
+            return events
+
+    def _drain(self) -> None:
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "abort":
+                if self.scheduler.abort(item) is not None:
+                    self.engine.release(item)
+                self._live.pop(item, None)
+                continue
+            req: ServeRequest = item
+            if req.request_id in self._live:
+                continue  # re-delivered while still in flight
+            if req.adapter and req.adapter != BASE_ADAPTER and req.adapter not in self.engine.adapters:
+                # Personalisation is best effort: serve the base model and say so in the final
+                # (adapter_version ""), rather than fail the request.
+                req = dataclasses.replace(req, adapter=None)
+            ids = req.prompt_ids or tuple(self.engine.encode_prompt(req.prompt))
+            arrival = req.arrival_s if req.arrival_s is not None else self.clock()
+            predicted = self.predictor.predict(req.prompt).tokens
+            if self.config.clamp_prediction_to_max_tokens:
+                predicted = min(predicted, float(req.sampling.max_tokens))
+            self._live[req.request_id] = _Live(req, ids, arrival, predicted)
+            self.scheduler.add(SchedRequest(
+                request_id=req.request_id, arrival_s=arrival, prompt_tokens=len(ids),
+                predicted_tokens=max(predicted, 1.0), max_tokens=req.sampling.max_tokens,
+                deadline_s=arrival + req.slo_s if req.slo_s is not None else math.inf,
+                slo_class=req.slo_class,
+            ))
+
+    def _finish(self, sreq: SchedRequest, now: float) -> FinalEvent:
+        rid = sreq.request_id
+        self.engine.release(rid)
+        live = self._live.pop(rid)
+        if self.config.learn_online:
+            self.predictor.observe(live.req.prompt, sreq.generated)
+        admitted = live.admitted_s if live.admitted_s is not None else now
+        first = live.first_token_s if live.first_token_s is not None else now
+        return FinalEvent(
+            request_id=rid, text="".join(live.parts), prompt_tokens=len(live.prompt_ids),
+            output_tokens=sreq.generated, queue_s=admitted - live.arrival_s,
+            first_token_s=first - live.arrival_s, total_s=now - live.arrival_s,
+            finish_reason=live.reason, adapter_version=live.req.adapter or "",
+            model_version=live.model_version, predicted_tokens=live.predicted,
+            slo_met=None if live.req.slo_s is None else now - live.arrival_s <= live.req.slo_s,
+        )
+
+    # --- weights (between iterations) -------------------------------------------------------------
+    def load_adapter(self, adapter_hash: str, path: str) -> None:
+        with self._lock:
+            self.engine.load_adapter(adapter_hash, path)
+
+    def unload_adapter(self, adapter_hash: str) -> None:
+        with self._lock:
+            self.engine.unload_adapter(adapter_hash)
+
+    def load_checkpoint(self, version: str, path: str) -> None:
+        with self._lock:
+            self.engine.load_checkpoint(version, path)
+
+    # --- observability ------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Figures for the worker heartbeat."""
+        now = self.clock()
+        while self._rate and self._rate[0][0] < now - self.config.rate_window_s:
+            self._rate.popleft()
+        span = min(self.config.rate_window_s, max(now - self._rate[0][0], 1e-9)) if self._rate else 1.0
+        return {
+            "queue_length": self.queue_length,
+            "running": self.running,
+            "tokens_per_s": sum(n for _, n in self._rate) / span if self._rate else 0.0,
+            "memory_rss_bytes": rss_bytes(),
+            "loaded_adapters": list(self.engine.adapters),
+            "model_version": self.engine.model_version,
+            "policy": self.config.policy,
+            "predictor_accuracy": self.predictor.recent_accuracy,
+        }
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
