@@ -8,9 +8,12 @@ template in Gemma's turn format is installed.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,18 +74,86 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     return tokenizer
 
 
-def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load a catalogued model and its tokenizer (about 20 s for SmolLM2, 60 s for Gemma on CPU)."""
+def _cache_root() -> Path:
+    return Path(os.environ.get("FLYWHEEL_MODEL_CACHE", Path.home() / ".cache" / "flywheel-models"))
+
+
+def _fingerprint(gguf: Path) -> str:
+    """Identity of a GGUF file without hashing all of it: size and the first megabyte."""
+    with gguf.open("rb") as fh:
+        head = fh.read(1 << 20)
+    return hashlib.sha256(head + str(gguf.stat().st_size).encode()).hexdigest()[:16]
+
+
+def _load_from_gguf(spec: ModelSpec, dtype: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    spec = get_model(name)
     gguf = locate_gguf(spec)
-    log.info("loading %s from %s", name, gguf.name)
+    log.info("de-quantising %s from %s (once; later loads use the converted copy)", spec.name, gguf.name)
     tokenizer = load_tokenizer(spec)
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype)
-    )
+    model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                      dtype=getattr(torch, dtype))
+    return model, tokenizer
+
+
+def _write_hf_dir(model: Any, tokenizer: Any, target: Path) -> None:
+    """Save a GGUF-loaded model as a plain transformers directory, atomically.
+
+    transformers refuses ``save_pretrained`` on a model loaded from GGUF (its quantiser is
+    attached), but after loading the weights are ordinary fp32 tensors: write them with
+    safetensors (shared embedding/head tensors handled) beside a config without the GGUF
+    quantisation entry.
+    """
+    from safetensors.torch import save_model
+
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(str(tmp))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(tmp))
+    save_model(model, str(tmp / "model.safetensors"))
+    tokenizer.save_pretrained(str(tmp))
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def converted_dir(name: str) -> Path:
+    """A plain transformers copy of a catalogued model, converted from its GGUF on first use.
+
+    De-quantising GGUF takes 20-120 s on a CPU; loading the converted safetensors takes 1-7 s,
+    which matters for every worker (re)start. Keyed by the GGUF file's fingerprint.
+    """
+    spec = get_model(name)
+    target = _cache_root() / f"hf-{name}-{_fingerprint(locate_gguf(spec))}"
+    if not (target / "model.safetensors").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        model, tokenizer = _load_from_gguf(spec, "float32")
+        _write_hf_dir(model, tokenizer, target)
+    return target
+
+
+def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load a catalogued model and its tokenizer (from the converted copy; see ``converted_dir``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = get_model(name)
+    source = converted_dir(name)
+    log.info("loading %s", name)
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    if getattr(tokenizer, "chat_template", None) is None and spec.family == "gemma3":
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model: Any = AutoModelForCausalLM.from_pretrained(str(source), dtype=getattr(torch, dtype))
     model.to(device)
     model.eval()
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer)
@@ -96,9 +167,9 @@ def export_hf_dir(name: str, target: Path) -> Path:
     """
     if (target / "config.json").exists():
         return target
-    loaded = load_model(name)
-    tmp = target.with_name(target.name + ".tmp")
-    loaded.model.save_pretrained(str(tmp))
-    loaded.tokenizer.save_pretrained(str(tmp))
+    source = converted_dir(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.copytree(source, tmp)
     tmp.rename(target)
     return target
