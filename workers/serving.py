@@ -79,6 +79,10 @@ class FinalEvent:
     predicted_tokens: float
     slo_met: bool | None
     """None when the request had no SLO."""
+    prompt_token_ids: tuple[int, ...] = ()
+    output_token_ids: tuple[int, ...] = ()
+    output_logprobs: tuple[float, ...] = ()
+    """Per generated token, under the model that generated it (empty if the engine cannot say)."""
 
 
 ServeEvent = ChunkEvent | FinalEvent
@@ -110,6 +114,8 @@ class _Live:
     parts: list[str] = field(default_factory=list)
     reason: str = "length"
     model_version: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
 
 
 class ServingLoop:
@@ -172,6 +178,8 @@ class ServingLoop:
                 if out.token_ids and live.first_token_s is None:
                     live.first_token_s = now
                 produced += len(out.token_ids)
+                live.token_ids.extend(out.token_ids)
+                live.logprobs.extend(out.logprobs)
                 if out.text:
                     events.append(ChunkEvent(rid, live.chunks, out.text))
                     live.chunks += 1
@@ -227,6 +235,8 @@ class ServingLoop:
             finish_reason=live.reason, adapter_version=live.req.adapter or "",
             model_version=live.model_version, predicted_tokens=live.predicted,
             slo_met=None if live.req.slo_s is None else now - live.arrival_s <= live.req.slo_s,
+            prompt_token_ids=live.prompt_ids, output_token_ids=tuple(live.token_ids),
+            output_logprobs=tuple(live.logprobs) if len(live.logprobs) == len(live.token_ids) else (),
         )
 
     # --- weights (between iterations) -------------------------------------------------------------

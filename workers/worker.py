@@ -287,14 +287,14 @@ class InferenceWorker:
         if self._rng.random() >= self.config.rollout_sample:
             return None
         request = flight.decision["request"]
-        token_ids = list(getattr(final, "output_token_ids", ()) or [])
-        logprobs = list(getattr(final, "output_logprobs", ()) or [])
+        if not final.output_logprobs:
+            return None  # the engine cannot report log-probs (PPO needs them)
         return {
             **envelope(request["request_id"], request["tenant_id"], request["user_id"]),
             "request_id": request["request_id"], "model": self.config.model, "model_version": final.model_version,
             "prompt": prompt_text(request), "response": final.text,
-            "prompt_token_ids": list(getattr(final, "prompt_token_ids", ()) or []),
-            "response_token_ids": token_ids, "token_logprobs": logprobs, "source": "live"}
+            "prompt_token_ids": list(final.prompt_token_ids), "response_token_ids": list(final.output_token_ids),
+            "token_logprobs": list(final.output_logprobs), "source": "live"}
 
     async def _commit(self, finals: list[tuple[FinalEvent, _InFlight]]) -> None:
         """Produce finals (and rollouts) and commit offsets: atomically where transactions exist."""

@@ -64,6 +64,9 @@ class TokenOutput:
     finished: bool
     finish_reason: str | None = None
     """``stop`` (EOS or a stop string) or ``length`` (max_tokens), once finished."""
+    logprobs: tuple[float, ...] = ()
+    """Log-probability of each token in ``token_ids`` under the model (temperature 1), for RL
+    rollouts; engines that cannot report them leave this empty."""
 
 
 class Engine(ABC):

@@ -200,6 +200,7 @@ class TorchEngine(Engine):
     def _emit(self, rids: list[str], logits: torch.Tensor) -> dict[str, TokenOutput]:
         logits = logits.float()
         greedy = logits.argmax(dim=-1).tolist()
+        logp = torch.log_softmax(logits, dim=-1)
         out: dict[str, TokenOutput] = {}
         for j, rid in enumerate(rids):
             seq = self._seqs[rid]
@@ -211,9 +212,10 @@ class TorchEngine(Engine):
             seq.generated.append(token)
             self.tokens_generated += 1
             sp = seq.req.sampling
+            token_logp = (float(logp[j, token]),)
             if token in self._eos and not sp.ignore_eos:
                 seq.finished, seq.reason = True, "stop"
-                out[rid] = TokenOutput((token,), seq.text.flush(), True, "stop")
+                out[rid] = TokenOutput((token,), seq.text.flush(), True, "stop", token_logp)
                 continue
             delta = seq.text.add(token)
             if seq.text.stopped:
@@ -221,7 +223,7 @@ class TorchEngine(Engine):
             elif len(seq.generated) >= sp.max_tokens:
                 seq.finished, seq.reason = True, "length"
                 delta += seq.text.flush()
-            out[rid] = TokenOutput((token,), delta, seq.finished, seq.reason)
+            out[rid] = TokenOutput((token,), delta, seq.finished, seq.reason, token_logp)
         return out
 
     # --- adapters and checkpoints ---------------------------------------------------------------
