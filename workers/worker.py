@@ -31,6 +31,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from core.catalog import get_model
 from core.errors import DeadLetterError, ValidationError
+from core.slo import deadline_ms
 from core.validation import RequestLimits, validate_request
 from flywheel.connect import Services
 from flywheel.telemetry import QUEUE_LENGTH, REQUEST_LATENCY, RESPONSES, RUNNING, SLO, TOKENS
@@ -42,8 +43,6 @@ from workers.engines.base import SamplingParams
 from workers.serving import ChunkEvent, FinalEvent, ServeRequest, ServingLoop
 
 log = logging.getLogger(__name__)
-SLO_SECONDS = {"interactive": 20.0, "standard": 60.0, "batch": 600.0}
-"""Default completion targets per SLO class when a request carries no deadline."""
 
 
 @dataclass(frozen=True)
@@ -228,12 +227,7 @@ class InferenceWorker:
         sampling = request["sampling"]
         params = SamplingParams(max_tokens=request["max_tokens"], temperature=sampling["temperature"],
                                 top_p=sampling["top_p"], seed=sampling["seed"], stop=tuple(sampling["stop"]))
-        deadline = request.get("deadline")
-        if deadline is not None:
-            deadline_ms = deadline if isinstance(deadline, int) else int(deadline.timestamp() * 1000)
-            slo_s = max(0.0, (deadline_ms - event_time_ms(request)) / 1000.0)
-        else:
-            slo_s = SLO_SECONDS.get(request["slo_class"], 60.0)
+        slo_s = max(0.0, (deadline_ms(request) - event_time_ms(request)) / 1000.0)
         adapter = await self._adapter_for(request["user_id"])
         return ServeRequest(request_id=request["request_id"], prompt=prompt_text(request), sampling=params,
                             adapter=adapter, slo_s=slo_s, slo_class=request["slo_class"], prompt_ids=prompt_ids)

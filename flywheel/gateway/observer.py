@@ -16,6 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from core.slo import deadline_ms
 from flywheel.connect import Services
 from flywheel.gateway.stats import ServiceStats
 from streams.events import event_time_ms
@@ -70,11 +71,7 @@ class Observer:
             await self._admin.close()
 
     def _remember_deadline(self, request: dict[str, Any]) -> None:
-        if request.get("deadline") is None:
-            return
-        deadline = request["deadline"]
-        self._deadlines[request["request_id"]] = deadline if isinstance(deadline, int) else \
-            int(deadline.timestamp() * 1000)
+        self._deadlines[request["request_id"]] = deadline_ms(request)
         while len(self._deadlines) > 50_000:
             self._deadlines.popitem(last=False)
 

@@ -71,7 +71,7 @@ class ServiceStats:
 
     def on_decision(self, event: dict[str, Any], now: float | None = None) -> None:
         self.routed[event["model"]] += 1
-        ratings = {c["model"]: round(float(c["global_rating"]), 2) for c in event["candidates"]}
+        ratings = {**self.elo, **{c["model"]: round(float(c["global_rating"]), 2) for c in event["candidates"]}}
         if ratings != self.elo:
             self.elo = ratings
             self.elo_series.append((now or time.time(), ratings))
