@@ -3,7 +3,7 @@ position travel in the commit metadata and are skipped after a restart."""
 
 from aiokafka import TopicPartition
 
-from workers.worker import OffsetTracker, decode_done, encode_done
+from streams.offsets import OffsetTracker, decode_done, encode_done
 
 TP = TopicPartition("decisions", 0)
 
