@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     gateway_request_timeout_s: float = 300.0
     gateway_max_body_bytes: int = Field(default=1_000_000, description="larger HTTP bodies get 413")
 
+    # --- Trainer and personaliser
+    trainer_model: str = "smollm2-135m"
+    trainer_batch_size: int = Field(default=8, ge=1, description="rewarded rollouts per PPO step")
+    trainer_reward_timeout_s: float = Field(default=300.0, ge=0, description="then the reward model scores")
+    personalizer_min_events: int = Field(default=8, ge=1, description="feedback events before a user's first update")
+
     @property
     def artifacts_dir(self) -> Path:
         return self.home / "artifacts"

@@ -311,6 +311,22 @@ def next_offsets(batch: list[Received]) -> dict[TopicPartition, int]:
     return out
 
 
+async def fetch_committed(config: KafkaConfig, group: str, partitions: set[TopicPartition]
+                          ) -> dict[TopicPartition, tuple[int, str]]:
+    """A consumer group's committed (offset, metadata) for ``partitions`` (absent: never committed)."""
+    if not partitions:
+        return {}
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**config.client_kwargs())
+    await admin.start()
+    try:
+        found = await admin.list_consumer_group_offsets(group, partitions=list(partitions))
+    finally:
+        await admin.close()
+    return {tp: (meta.offset, meta.metadata or "") for tp, meta in found.items() if meta.offset >= 0}
+
+
 async def partitions_of(config: KafkaConfig, topics: list[str]) -> dict[str, list[int]]:
     """Partition ids of each topic (KeyError naming the topics that do not exist)."""
     client = AIOKafkaClient(**config.client_kwargs())

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from core.catalog import get_model
 from core.errors import DeadLetterError, ValidationError
@@ -37,7 +36,7 @@ from flywheel.connect import Services
 from flywheel.telemetry import QUEUE_LENGTH, REQUEST_LATENCY, RESPONSES, RUNNING, SLO, TOKENS
 from streams.dlq import DeadLetters
 from streams.events import envelope, event_time_ms, prompt_text
-from streams.kafka import EventConsumer, EventProducer, Received
+from streams.kafka import EventConsumer, EventProducer, Received, fetch_committed
 from streams.offsets import OffsetTracker
 from streams.tracing import process_context
 from workers.engines.base import SamplingParams
@@ -298,19 +297,10 @@ class InferenceWorker:
 
     async def restore(self, assigned: set[TopicPartition]) -> None:
         """Seed newly assigned partitions with their committed position and answered offsets."""
-        if not assigned:
-            return
-        admin = AIOKafkaAdminClient(**self.s.kafka.client_kwargs())
-        await admin.start()
-        try:
-            committed = await admin.list_consumer_group_offsets(self.group, partitions=list(assigned))
-        finally:
-            await admin.close()
+        committed = await fetch_committed(self.s.kafka, self.group, assigned)
         async with self.txn_lock:
-            for tp in assigned:
-                found = committed.get(tp)
-                if found is not None and found.offset >= 0:
-                    self.tracker.restore(tp, found.offset, found.metadata or "")
+            for tp, (offset, metadata) in committed.items():
+                self.tracker.restore(tp, offset, metadata)
 
     async def _follow_state(self) -> None:
         consumer = EventConsumer(self.s.kafka, self.s.serde, [self.catalog.adapters, self.catalog.models_topic],
