@@ -104,9 +104,7 @@ def collate(rollouts: Sequence[Rollout], pad_token_id: int) -> PPOBatch:
         tokens[i, :k] = torch.tensor(r.response_token_ids)
         mask[i, :k] = 1.0
         behaviour[i, :k] = torch.tensor(r.response_logprobs)
-    return PPOBatch(
-        input_ids, lengths, positions, tokens, mask, behaviour, tuple(r.request_id for r in rollouts)
-    )
+    return PPOBatch(input_ids, lengths, positions, tokens, mask, behaviour, tuple(r.request_id for r in rollouts))
 
 
 def gather_positions(per_position: Tensor, positions: Tensor) -> Tensor:
@@ -161,9 +159,7 @@ class Experience:
 
 
 @torch.no_grad()
-def score_with_reward_model(
-    reward: ValueModel, rollouts: Sequence[Rollout], pad_token_id: int
-) -> list[float]:
+def score_with_reward_model(reward: ValueModel, rollouts: Sequence[Rollout], pad_token_id: int) -> list[float]:
     """Reward-model scores for rollouts that got no feedback in time (value at the last token)."""
     batch = collate(rollouts, pad_token_id)
     return [float(s) for s in reward.score(batch.input_ids, batch.lengths)]
@@ -199,9 +195,7 @@ def make_experience(
     stats = {
         "score_mean": float(scores.mean()),
         "kl_mean": float(kl.sum() / tokens),
-        "behaviour_logprob_gap": float(
-            ((old_logprobs - batch.behaviour_logprobs).abs() * mask).sum() / tokens
-        ),
+        "behaviour_logprob_gap": float(((old_logprobs - batch.behaviour_logprobs).abs() * mask).sum() / tokens),
         "response_tokens": tokens,
     }
     return Experience(batch, old_logprobs, ref_logprobs, values, scores, advantages, returns, stats)

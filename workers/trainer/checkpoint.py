@@ -76,9 +76,7 @@ def write_checkpoint(weights: dict[str, Tensor], meta: CheckpointMeta, store_roo
         work = Path(tmp)
         save_file(weights, str(work / WEIGHTS_FILE))
         (work / META_FILE).write_text(
-            json.dumps(
-                {"base_model": meta.base_model, "version": meta.version, "step": meta.step}, sort_keys=True
-            )
+            json.dumps({"base_model": meta.base_model, "version": meta.version, "step": meta.step}, sort_keys=True)
         )
         return store_directory(work, store_root)
 
@@ -109,9 +107,7 @@ def apply_checkpoint(model: nn.Module, path: Path) -> CheckpointMeta:
         raise KeyError(f"checkpoint tensors not in the model: {missing[:5]}")
     for name, tensor in weights.items():
         if params[name].shape != tensor.shape:
-            raise ValueError(
-                f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}"
-            )
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
     for name, tensor in weights.items():
         params[name].copy_(tensor)
     return meta

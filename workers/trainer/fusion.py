@@ -18,10 +18,8 @@ over total worker-time (workers count their own compute seconds).
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing.connection as mpc
 import random
-import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -32,17 +30,11 @@ from typing import Any, cast
 
 import torch
 import torch.multiprocessing as mp
-from transformers import LlamaForCausalLM
 
-from core.rlhf.anneal import AnnealConfig, anneal_schedule
 from core.rlhf.interstage import InterStageConfig, InterStageScheduler, round_robin
 from core.rlhf.pipeline import (
-    PipelineModel,
-    PipelineProblem,
     Schedule,
     balance_microbatches,
-    sequential_schedule,
-    simulate,
 )
 from core.rlhf.ppo import PPOConfig, gae, kl_penalized_rewards, whiten
 from workers.trainer.fusion_worker import TrainSample, WorkerSpec, worker_main
@@ -108,6 +100,9 @@ class IterationReport:
     """Per-worker compute seconds (thread CPU time): well below ``busy_s`` on a contended machine."""
     batch_size: int
     migration_at_s: float | None = None
+    events: list[tuple[float, str, int, int]] = field(default_factory=list)
+    """Controller-side log: (seconds since start, kind, worker, samples) for finished / score /
+    scored / migrate."""
 
     @property
     def samples_per_s(self) -> float:
@@ -200,29 +195,35 @@ class FusionCluster:
         scored: dict[int, tuple[list[float], list[float], float]] = {}
         start = time.perf_counter()
         migration_at: float | None = None
+        events: list[tuple[float, str, int, int]] = []
         for r, conn in enumerate(self.conns):
             ids = [i for i, inst in assignment.items() if inst == r]
             conn.send(("generate", ids, prompts[ids], [lengths[i] for i in ids], w.seed * 100 + r))
         while not sched.done:
             for ready in mpc.wait(self.conns):
                 msg: Any = cast(Connection, ready).recv()  # wait() returns the Connections it was given
+                now = time.perf_counter() - start
                 if msg[0] == "finished":
                     for sid, toks, lps in msg[2]:
                         generated[sid] = (toks, lps)
                     sched.update(finished=[sid for sid, _, _ in msg[2]])
+                    events.append((now, "finished", msg[1], len(msg[2])))
                 elif msg[0] == "scored":
                     _, rank, ids, refs, values, rewards = msg
+                    events.append((now, "scored", rank, len(ids)))
                     for sid, ref, val, rew in zip(ids, refs, values, rewards, strict=True):
                         scored[sid] = (ref, val, rew)
                     sched.update(scored=[(rank, ids)])
             plan = sched.schedule()
             for move in plan.migrations:
                 migration_at = time.perf_counter() - start
+                events.append((migration_at, "migrate", move.source, len(move.sample_ids)))
                 self.conns[move.source].send(("migrate_out", move.target))
                 self.conns[move.target].send(("migrate_in", move.source, w.seed))
             for task in plan.inference:
                 samples = [(tuple(prompts[s].tolist()), tuple(generated[s][0])) for s in task.sample_ids]
                 self.conns[task.instance].send(("score", list(task.sample_ids), samples))
+                events.append((time.perf_counter() - start, "score", task.instance, len(task.sample_ids)))
         gen_done = time.perf_counter()
         train_samples = self._experience(prompts, generated, scored)
         minibatches = partition_minibatches(self.w, lengths)
@@ -247,6 +248,7 @@ class FusionCluster:
             busy_cpu_s=busy_cpu,
             batch_size=w.batch_size,
             migration_at_s=migration_at,
+            events=events,
         )
         return report
 
@@ -285,9 +287,6 @@ class FusionCluster:
         return out
 
 
-# ---------------------------------------------------------------------- schedule construction
-
-
 def partition_minibatches(w: FusionWorkload, lengths: Sequence[int]) -> list[list[list[int]]]:
     """Random (seeded) PPO mini-batches, each cut into length-balanced micro-batches."""
     order = list(range(w.batch_size))
@@ -299,99 +298,3 @@ def partition_minibatches(w: FusionWorkload, lengths: Sequence[int]) -> list[lis
         groups = balance_microbatches([w.prompt_len + lengths[i] for i in members], w.n_microbatches)
         out.append([[members[i] for i in g] for g in groups])
     return out
-
-
-def mean_microbatch_shape(w: FusionWorkload, lengths: Sequence[int]) -> tuple[int, int]:
-    """(rows, padded length) of a micro-batch with the partition's mean padded token count."""
-    groups = [g for mb in partition_minibatches(w, lengths) for g in mb]
-    tokens = [len(g) * (w.prompt_len + max(lengths[i] for i in g)) for g in groups]
-    rows = round(sum(len(g) for g in groups) / len(groups))
-    return rows, max(1, round(sum(tokens) / len(tokens) / rows))
-
-
-@dataclass(frozen=True)
-class StageTimes:
-    """Measured per-stage forward/backward seconds of each model's pipeline split."""
-
-    actor_forward: tuple[float, ...]
-    actor_backward: tuple[float, ...]
-    critic_forward: tuple[float, ...]
-    """Indexed by critic stage (stage 0 runs on the last node: the pipelines are reversed)."""
-    critic_backward: tuple[float, ...]
-
-
-def _profile_stages(stages: Sequence[torch.nn.Module], ids: torch.Tensor, repeats: int) -> tuple[list[float], ...]:
-    fwd: list[list[float]] = [[] for _ in stages]
-    bwd: list[list[float]] = [[] for _ in stages]
-    for _ in range(repeats + 1):  # the first round warms up kernels and the allocator
-        x = ids
-        for s, stage in enumerate(stages):
-            inp = x if s == 0 else x.detach().requires_grad_(True)
-            t0 = time.perf_counter()
-            out = stage(inp)
-            t1 = time.perf_counter()
-            out.float().square().mean().backward()
-            t2 = time.perf_counter()
-            fwd[s].append(t1 - t0)
-            bwd[s].append(t2 - t1)
-            x = out
-    return tuple([statistics.median(v[1:]) for v in times] for times in (fwd, bwd))
-
-
-def profile_stage_times(workload: FusionWorkload, lengths: Sequence[int], repeats: int = 5) -> StageTimes:
-    """Median forward/backward seconds per stage of actor and critic on a mean-cost micro-batch (1 thread)."""
-    from workers.trainer.models import build_tiny_models, tiny_llama_config
-    from workers.trainer.pipeline import make_stages
-
-    torch.set_num_threads(1)
-    models = build_tiny_models(tiny_llama_config(**workload.model), seed=workload.seed)
-    rows, length = mean_microbatch_shape(workload, lengths)
-    ids = torch.randint(3, workload.model["vocab_size"], (rows, length))
-    actor = cast(LlamaForCausalLM, models.actor)
-    af, ab = _profile_stages(make_stages(actor.model, actor.lm_head, 2), ids, repeats)
-    cf, cb = _profile_stages(make_stages(models.critic.backbone, models.critic.value_head, 2), ids, repeats)
-    return StageTimes(tuple(af), tuple(ab), tuple(cf), tuple(cb))
-
-
-def build_problem(workload: FusionWorkload, times: StageTimes, unit_s: float = 1e-4) -> PipelineProblem:
-    """Actor (stage s on node s) and critic (stage s on node n-1-s), integer times in ``unit_s`` units.
-
-    Memory limit per node: the sum of both models' 1F1B peaks, i.e. fused training may hold as
-    many activations as the two models would if each ran 1F1B on its own.
-    """
-
-    def ticks(values: Sequence[float]) -> tuple[int, ...]:
-        return tuple(max(1, math.ceil(t / unit_s)) for t in values)
-
-    n = len(times.actor_forward)
-    m = workload.n_microbatches
-    actor = PipelineModel(
-        "actor", m, ticks(times.actor_forward), ticks(times.actor_backward), tuple(range(n)), (1.0,) * n
-    )
-    critic = PipelineModel(
-        "critic", m, ticks(times.critic_forward), ticks(times.critic_backward), tuple(reversed(range(n))), (1.0,) * n
-    )
-    peaks = []
-    for model in (actor, critic):
-        alone = PipelineProblem((model,), n)
-        tl = simulate(alone, sequential_schedule(alone))
-        assert tl is not None
-        peaks.append(tl.peak_memory)
-    limit = max(a + c for a, c in zip(*peaks, strict=True))
-    return PipelineProblem((actor, critic), n, memory_limit=limit)
-
-
-def plan_schedules(problem: PipelineProblem, anneal: AnnealConfig | None = None) -> dict[str, Any]:
-    """Sequential 1F1B (unfused) and the annealed fused schedule, with their simulated makespans."""
-    sequential = sequential_schedule(problem)
-    result = anneal_schedule(problem, anneal or AnnealConfig())
-    seq_tl = simulate(problem, sequential)
-    assert seq_tl is not None
-    return {
-        "unfused": sequential,
-        "fused": result.schedule,
-        "sim_unfused": seq_tl.makespan,
-        "sim_fused": result.timeline.makespan,
-        "fused_peak_memory": max(result.timeline.peak_memory),
-        "memory_limit": problem.memory_limit,
-    }

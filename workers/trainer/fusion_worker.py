@@ -188,20 +188,14 @@ class FusionWorker:
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def score(
-        self, ids: list[int], samples: list[tuple[tuple[int, ...], tuple[int, ...]]]
-    ) -> tuple[Any, ...]:
+    def score(self, ids: list[int], samples: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple[Any, ...]:
         """Reference log-probs, critic values and reward of finished samples (one micro-batch)."""
-        rollouts = [
-            Rollout(str(i), p, r, (0.0,) * len(r), "") for i, (p, r) in zip(ids, samples, strict=True)
-        ]
+        rollouts = [Rollout(str(i), p, r, (0.0,) * len(r), "") for i, (p, r) in zip(ids, samples, strict=True)]
         assert self.models.reference is not None and self.models.reward is not None
         with self.clock.track("score"):
             batch = collate(rollouts, self.models.pad_token_id)
             ref = token_logprobs(
-                gather_positions(
-                    causal_lm_logits(self.models.reference, batch.input_ids), batch.response_positions
-                ),
+                gather_positions(causal_lm_logits(self.models.reference, batch.input_ids), batch.response_positions),
                 batch.response_tokens,
             )
             values = gather_positions(self.models.critic(batch.input_ids), batch.response_positions)
@@ -239,10 +233,7 @@ class FusionWorker:
 
     def _microbatch(self, samples: dict[int, TrainSample], ids: list[int]) -> dict[str, Tensor]:
         chosen = [samples[i] for i in ids]
-        rollouts = [
-            Rollout(str(i), s.prompt, s.response, s.old_logprobs, "")
-            for i, s in zip(ids, chosen, strict=True)
-        ]
+        rollouts = [Rollout(str(i), s.prompt, s.response, s.old_logprobs, "") for i, s in zip(ids, chosen, strict=True)]
         batch = collate(rollouts, self.models.pad_token_id)
         width = batch.response_mask.shape[1]
         return {

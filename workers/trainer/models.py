@@ -139,9 +139,7 @@ def _freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_tiny_models(
-    config: LlamaConfig | None = None, seed: int = 0, with_reward: bool = True
-) -> PolicyModels:
+def build_tiny_models(config: LlamaConfig | None = None, seed: int = 0, with_reward: bool = True) -> PolicyModels:
     """Random tiny actor/critic/reward/reference, reproducible for a seed.
 
     The critic starts from the actor's backbone (a common choice when no reward model backbone

@@ -37,9 +37,7 @@ class LlamaStage(nn.Module):
     """Decoder layers ``[start, stop)`` of a Llama backbone (+ embedding on the first stage, + norm
     and ``head`` on the last). Modules are shared with the full model, not copied."""
 
-    def __init__(
-        self, backbone: LlamaModel, start: int, stop: int, n_layers: int, head: nn.Module | None
-    ) -> None:
+    def __init__(self, backbone: LlamaModel, start: int, stop: int, n_layers: int, head: nn.Module | None) -> None:
         super().__init__()
         self.first = start == 0
         self.last = stop == n_layers

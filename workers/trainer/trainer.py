@@ -65,9 +65,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.minibatch_size < 1 or self.batch_size % self.minibatch_size:
-            raise ValueError(
-                f"minibatch_size ({self.minibatch_size}) must divide batch_size ({self.batch_size})"
-            )
+            raise ValueError(f"minibatch_size ({self.minibatch_size}) must divide batch_size ({self.batch_size})")
         if self.ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
         if self.reward_timeout_s < 0:
@@ -119,9 +117,7 @@ class Trainer:
             "expired_unscored": 0,
         }
         self.actor_opt: torch.optim.Optimizer = torch.optim.AdamW(models.actor_parameters(), lr=cfg.actor_lr)
-        self.critic_opt: torch.optim.Optimizer = torch.optim.AdamW(
-            models.critic_parameters(), lr=cfg.critic_lr
-        )
+        self.critic_opt: torch.optim.Optimizer = torch.optim.AdamW(models.critic_parameters(), lr=cfg.critic_lr)
         # Identical weights on every rank (rank 0's wins), frozen models included: a rank with a
         # different reference or reward model would compute different advantages.
         for module in (models.actor, models.critic, models.reference, models.reward):
@@ -208,9 +204,7 @@ class Trainer:
         checkpoint_dir, digest = None, None
         if self.collective.rank == 0:
             meta = CheckpointMeta(base_model=self.models.base_model, version=version, step=self.step_count)
-            digest, checkpoint_dir = write_checkpoint(
-                export_actor_weights(self.models.actor), meta, cfg.store_root
-            )
+            digest, checkpoint_dir = write_checkpoint(export_actor_weights(self.models.actor), meta, cfg.store_root)
         metrics.update(exp.stats)
         metrics.update({k: float(v) for k, v in self.counters.items()})
         return StepResult(

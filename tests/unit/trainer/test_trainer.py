@@ -1,0 +1,148 @@
+"""Trainer: event ingestion, reward fallback, a PPO step, checkpoints and learning signal."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.unit.trainer.factories import flat_params, make_rollouts
+from workers.trainer.batch import collate, response_logprobs
+from workers.trainer.checkpoint import apply_checkpoint, read_checkpoint
+from workers.trainer.models import build_tiny_models
+from workers.trainer.trainer import Trainer, TrainerConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def make_trainer(tmp_path: Path, **overrides: object) -> Trainer:
+    models = build_tiny_models(seed=0)
+    cfg = TrainerConfig(
+        store_root=tmp_path / "store",
+        batch_size=4,
+        minibatch_size=2,
+        actor_lr=1e-3,
+        critic_lr=1e-3,
+        **overrides,  # type: ignore[arg-type]
+    )
+    return Trainer(models, cfg, clock=lambda: 0.0)
+
+
+def test_step_publishes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path)
+    initial = copy.deepcopy(trainer.models.actor)
+    for i, r in enumerate(make_rollouts(trainer.models, 4)):
+        trainer.add_rollout(r)
+        assert not trainer.ready()
+        trainer.add_reward(r.request_id, 1.0 if i % 2 else -1.0)
+    assert trainer.ready()
+    result = trainer.step()
+    assert (result.version, result.step) == ("v1", 1)
+    assert result.checkpoint_dir is not None and result.checkpoint_dir.name == result.digest
+    meta = json.loads((result.checkpoint_dir / "checkpoint.json").read_text())
+    assert meta == {"base_model": "tiny-llama", "version": "v1", "step": 1}
+    _, weights = read_checkpoint(result.checkpoint_dir)
+    assert set(weights) == set(trainer.models.actor.state_dict())
+    assert "model.layers.0.mlp.down_proj.weight" in weights
+    assert not torch.equal(flat_params(initial), flat_params(trainer.models.actor))
+    # Hot-loading the checkpoint into the initial weights reproduces the trained actor.
+    apply_checkpoint(initial, result.checkpoint_dir)
+    assert torch.equal(flat_params(initial), flat_params(trainer.models.actor))
+    for key in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "kl_mean", "score_mean"):
+        assert key in result.metrics
+    assert not trainer.ready()
+
+
+def test_reward_may_arrive_before_its_rollout(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path)
+    rollouts = make_rollouts(trainer.models, 4)
+    for r in rollouts:
+        trainer.add_reward(r.request_id, 0.5)
+    for r in rollouts:
+        trainer.add_rollout(r)
+    assert trainer.ready() and not trainer.pending
+
+
+def test_expired_rollouts_are_scored_by_the_reward_model(tmp_path: Path) -> None:
+    now = [0.0]
+    models = build_tiny_models(seed=0)
+    cfg = TrainerConfig(store_root=tmp_path, batch_size=4, minibatch_size=4, reward_timeout_s=10.0)
+    trainer = Trainer(models, cfg, clock=lambda: now[0])
+    rollouts = make_rollouts(models, 4)
+    for r in rollouts:
+        trainer.add_rollout(r)
+    trainer.add_reward(rollouts[0].request_id, 2.0)
+    now[0] = 5.0
+    assert trainer.score_expired() == []
+    now[0] = 10.0
+    scored = trainer.score_expired()
+    assert scored == [r.request_id for r in rollouts[1:]]
+    assert trainer.ready()
+    assert trainer.ready_queue[0][1] == 2.0
+    assert models.reward is not None
+    expected = models.reward.score(collate(rollouts[1:2], 0).input_ids, collate(rollouts[1:2], 0).lengths)
+    assert trainer.ready_queue[1][1] == pytest.approx(float(expected[0]))
+    assert trainer.step().metrics["model_scored"] == 3.0
+
+
+def test_stale_and_duplicate_rollouts_are_dropped(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, max_staleness=0)
+    fresh, stale = (
+        make_rollouts(trainer.models, 2, version="base")[0],
+        make_rollouts(trainer.models, 1, version="v0-old", prefix="s")[0],
+    )
+    assert trainer.add_rollout(fresh)
+    assert not trainer.add_rollout(fresh)
+    assert not trainer.add_rollout(stale)
+    assert trainer.counters["stale_dropped"] == 1 and trainer.counters["duplicates"] == 1
+
+
+def test_ppo_steps_move_probability_towards_rewarded_responses(tmp_path: Path) -> None:
+    """Reward +1 when a response starts with an even token, -1 otherwise: P(even first) must rise."""
+    models = build_tiny_models(seed=1)
+    cfg = TrainerConfig(
+        store_root=tmp_path, batch_size=8, minibatch_size=8, ppo_epochs=2, actor_lr=1e-2, critic_lr=1e-2
+    )
+    trainer = Trainer(models, cfg)
+    prompt = [5, 17, 42, 9]
+    probe = torch.tensor([prompt])
+
+    def p_even() -> float:
+        with torch.no_grad():
+            logits = models.actor(input_ids=probe).logits[0, -1]
+        return float(torch.softmax(logits, -1)[0::2].sum())
+
+    before = p_even()
+    for gen_seed in range(6):
+        rollouts = make_rollouts(models, 8, seed=gen_seed, prefix=f"g{gen_seed}-", prompt=prompt, max_new=3)
+        for r in rollouts:
+            trainer.add_rollout(r)
+            trainer.add_reward(r.request_id, 1.0 if r.response_token_ids[0] % 2 == 0 else -1.0)
+        trainer.step()
+    assert p_even() > before + 0.1
+
+
+def test_step_without_a_full_batch_is_an_error(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path)
+    with pytest.raises(ValueError, match="needs 4"):
+        trainer.step()
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="divide"):
+        TrainerConfig(store_root=Path("x"), batch_size=6, minibatch_size=4)
+
+
+def test_response_logprobs_match_sampling_logprobs(tmp_path: Path) -> None:
+    models = build_tiny_models(seed=0)
+    rollouts = make_rollouts(models, 3)
+    batch = collate(rollouts, models.pad_token_id)
+    with torch.no_grad():
+        logp = response_logprobs(models.actor, batch)
+    assert torch.allclose(logp * batch.response_mask, batch.behaviour_logprobs, atol=1e-5)
