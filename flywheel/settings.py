@@ -75,6 +75,16 @@ class Settings(BaseSettings):
     trainer_batch_size: int = Field(default=8, ge=1, description="rewarded rollouts per PPO step")
     trainer_reward_timeout_s: float = Field(default=300.0, ge=0, description="then the reward model scores")
     personalizer_min_events: int = Field(default=8, ge=1, description="feedback events before a user's first update")
+    personalizer_model: str = Field(default="smollm2-135m", description="base model the per-user adapters train on")
+    personalizer_update_budget_s: float = Field(default=20.0, gt=0, description="wall-time bound of one adapter update")
+    personalizer_join_wait_s: float = Field(
+        default=10.0, ge=0, description="how long feedback waits for the response it is about to be seen")
+    personalizer_base_batch: float = Field(
+        default=12.0, gt=0, description="ASLS: pending signal weight that triggers an update at neutral agreement")
+    personalizer_min_batch: float = Field(default=1.5, gt=0, description="ASLS: never update on less pending weight")
+    personalizer_max_updates_per_hour: float = Field(default=30.0, gt=0, description="ASLS: per-user update cap")
+    personalizer_agree_octaves: float = Field(
+        default=3.0, ge=0, description="ASLS: how much agreement with the adapter postpones updates (0: none)")
 
     @property
     def artifacts_dir(self) -> Path:

@@ -313,7 +313,9 @@ class InferenceWorker:
                     if event is None:
                         continue
                     if item.record.topic == self.catalog.adapters:
-                        if event["base_model"] == self.config.model:
+                        if not event["adapter_hash"]:  # rolled back to the base model
+                            self.user_adapters.pop(event["user_id"], None)
+                        elif event["base_model"] == self.config.model:
                             self.user_adapters[event["user_id"]] = (event["adapter_hash"], event["uri"])
                     elif event["model"] == self.config.model and event["version"] != self.serving.engine.model_version:
                         log.info("loading checkpoint %s (step %d)", event["version"], event["step"])

@@ -1,0 +1,119 @@
+"""ASLS on the real broker: one user's feedback trains that user's adapter, the personaliser
+announces it, and a SmolLM2 worker serves that user's next request with it -- and only that
+user's: another user's response is produced by the base model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import pytest
+
+from flywheel.connect import connect
+from flywheel.personalizer_admin import rollback
+from streams.events import envelope, inference_request
+from streams.kafka import EventProducer
+from tests.integration.conftest import make_settings
+from tests.integration.test_trainer_loop import events_of, process, wait_for
+from tests.integration.test_worker import decision
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+MODEL = "smollm2-135m"
+PERSONALIZER_ENV = {
+    "FLYWHEEL_PERSONALIZER_MIN_EVENTS": "2",
+    "FLYWHEEL_PERSONALIZER_BASE_BATCH": "1.0",
+    "FLYWHEEL_PERSONALIZER_MIN_BATCH": "0.5",
+    "FLYWHEEL_PERSONALIZER_AGREE_OCTAVES": "0",
+    "FLYWHEEL_PERSONALIZER_MAX_UPDATES_PER_HOUR": "3600",
+    "FLYWHEEL_PERSONALIZER_UPDATE_BUDGET_S": "10",
+}
+
+
+def feedback(response: dict, kind: str, **fields: object) -> dict:
+    base = {**envelope(response["request_id"], response["tenant_id"], response["user_id"]),
+            "request_id": response["request_id"], "model": response["model"], "kind": kind, "rating": None,
+            "thumbs_up": None, "pairwise": None, "implicit": None, "prompt": None}
+    return base | fields
+
+
+async def test_feedback_trains_an_adapter_served_only_to_its_user(kafka_broker, postgres):
+    prefix = f"ps{uuid.uuid4().hex[:6]}."
+    alice, bob = f"alice-{uuid.uuid4().hex[:6]}", f"bob-{uuid.uuid4().hex[:6]}"
+    services = await connect(make_settings(topic_prefix=prefix), "ps-test", run_migrations=True, create_topics=True)
+    producer = EventProducer(services.kafka, services.serde, services.capabilities)
+    await producer.start()
+    catalog = services.catalog
+
+    async def ask(user: str, prompt: str, seed: int | None = None) -> dict:
+        req = inference_request(user_id=user, prompt=prompt, max_tokens=12, seed=seed,
+                                temperature=0.0 if seed is None else 1.0)
+        await producer.send_and_wait(catalog.requests, req, key=user)  # the personaliser learns the prompt here
+        await producer.send_and_wait(catalog.decisions(MODEL), decision(req), key=req["request_id"])
+
+        async def answered():
+            found = [e for e in await events_of(services, catalog.responses) if e["request_id"] == req["request_id"]]
+            return found[0] if found else None
+
+        return await wait_for(answered, 240, f"a response to {prompt!r}")
+
+    try:
+        with process(["worker", "--model", MODEL, "--worker-id", "ps-1"], prefix), \
+                process(["personalizer"], prefix, **PERSONALIZER_ENV):
+            # Two sampled answers to one prompt (a regenerate shows the user a different answer).
+            first = await ask(alice, "Describe the sea in one sentence.", seed=1)
+            second = await ask(alice, "Describe the sea in one sentence.", seed=2)
+            assert first["text"] != second["text"]
+            assert first["adapter_version"] is None and second["adapter_version"] is None
+            # Alice regenerates the first answer, accepts the second and says so explicitly.
+            events = [
+                feedback(first, "implicit", implicit={"signal": "regenerate", "edited_text": None, "dwell_ms": None}),
+                feedback(second, "implicit", implicit={"signal": "accept", "edited_text": None, "dwell_ms": 15000}),
+                feedback(second, "pairwise", pairwise={"request_id_a": first["request_id"], "model_a": MODEL,
+                                                        "request_id_b": second["request_id"], "model_b": MODEL,
+                                                        "winner": "b"}),
+            ]
+            for event in events:
+                await producer.send_and_wait(catalog.feedback, event, key=alice)
+
+            async def announced():
+                dead = await events_of(services, catalog.dlq("personalizer"))
+                assert not dead, f"the personaliser dead-lettered feedback: {[d['reason'] for d in dead]}"
+                found = [e for e in await events_of(services, catalog.adapters) if e["user_id"] == alice]
+                return found[-1] if found else None
+
+            adapter = await wait_for(announced, 300, "AdapterPublished for alice")
+            assert adapter["base_model"] == MODEL and adapter["version"] == 1 and not adapter["rollback"]
+            assert len(adapter["adapter_hash"]) == 64 and adapter["parent_hash"] is None
+            assert os.path.exists(os.path.join(adapter["uri"], "adapter_model.safetensors"))
+            assert adapter["metrics"]["steps"] >= 1
+
+            async def alice_served_with_adapter():
+                response = await ask(alice, "Describe a forest in one sentence.")
+                return response if response["adapter_version"] == adapter["adapter_hash"] else None
+
+            await wait_for(alice_served_with_adapter, 240, "alice's response produced with her adapter")
+            other = await ask(bob, "Describe a forest in one sentence.")
+            assert other["adapter_version"] is None, "bob must never be served alice's adapter"
+
+            rows = await services.pool.fetch("SELECT version, adapter_hash, feedback_id FROM adapters "
+                                             "WHERE user_id = $1", alice)
+            assert [(r["version"], r["adapter_hash"]) for r in rows] == [(1, adapter["adapter_hash"])]
+            assert await services.pool.fetchval("SELECT count(*) FROM personalizer_applied WHERE user_id = $1",
+                                                alice) == len(events)
+            assert not await events_of(services, catalog.dlq("personalizer"))
+
+            # An operator rolls alice back to the base model: a new version, and workers follow.
+            event = await rollback(make_settings(topic_prefix=prefix), alice, 0)
+            assert event["rollback"] and event["version"] == 2 and event["adapter_hash"] == ""
+
+            async def alice_served_by_base():
+                response = await ask(alice, "Describe a river in one sentence.")
+                return response if response["adapter_version"] is None else None
+
+            await wait_for(alice_served_by_base, 120, "alice served by the base model after the rollback")
+    finally:
+        await producer.stop()
+        await services.close()
+    await asyncio.sleep(0)
