@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     gateway_max_body_bytes: int = Field(default=1_000_000, description="larger HTTP bodies get 413")
 
     # --- Trainer and personaliser
+    rollout_sample: float = Field(default=0.25, ge=0, le=1, description="share of responses sent as Rollouts")
     trainer_model: str = "smollm2-135m"
     trainer_batch_size: int = Field(default=8, ge=1, description="rewarded rollouts per PPO step")
     trainer_reward_timeout_s: float = Field(default=300.0, ge=0, description="then the reward model scores")

@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-id", default=None, help="stable id (default: host-pid)")
     parser.add_argument("--policy", default="slo_odbs", choices=["slo_odbs", "fcfs_static", "fcfs_continuous", "sjf"])
     parser.add_argument("--engine", default="auto", choices=["auto", "torch", "vllm"])
-    parser.add_argument("--rollout-sample", type=float, default=0.25)
+    parser.add_argument("--rollout-sample", type=float, default=None,
+                        help="share of responses published as Rollouts (default: FLYWHEEL_ROLLOUT_SAMPLE)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,5 +24,6 @@ def run(args: argparse.Namespace) -> int:
 
     cpus = os.environ.get("FLYWHEEL_WORKER_CPUS")
     return serve(get_settings(), args.model, args.worker_id or f"{socket.gethostname()}-{os.getpid()}",
-                 args.policy, args.engine, args.rollout_sample,
+                 args.policy, args.engine,
+                 args.rollout_sample if args.rollout_sample is not None else get_settings().rollout_sample,
                  [int(c) for c in cpus.split(",")] if cpus else None)

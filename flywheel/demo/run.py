@@ -55,8 +55,13 @@ class DemoConfig:
 DEMO_ENV = {
     # Small batches and short horizons so that learning is visible within a few minutes.
     "FLYWHEEL_TRAINER_BATCH_SIZE": "4",
+    "FLYWHEEL_ROLLOUT_SAMPLE": "1",
     "FLYWHEEL_TRAINER_REWARD_TIMEOUT_S": "30",
     "FLYWHEEL_PERSONALIZER_MIN_EVENTS": "3",
+    "FLYWHEEL_PERSONALIZER_BASE_BATCH": "2",
+    "FLYWHEEL_PERSONALIZER_MIN_BATCH": "0.5",
+    "FLYWHEEL_PERSONALIZER_MAX_UPDATES_PER_HOUR": "120",
+    "FLYWHEEL_PERSONALIZER_UPDATE_BUDGET_S": "15",
 }
 
 
