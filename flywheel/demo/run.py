@@ -166,6 +166,8 @@ class Demo:
                 until = time.monotonic() + self.config.duration_s
                 users = [asyncio.create_task(self._user(client, u, until)) for u in self.users]
                 while not all(t.done() for t in users):
+                    if not elo_start:  # the ratings in the first routing decisions of this run
+                        elo_start = dict(self.stats.elo)
                     await refresh(f"serving ({max(0, until - time.monotonic()):.0f} s left)")
                     await asyncio.sleep(1)
                 await asyncio.gather(*users)
