@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, str] = {
     "routing": "bench.routing",
     "scheduling": "bench.scheduling",
     "personalization": "bench.personalization",
+    "personalization-live": "bench.personalization_live",
     "rlhf": "bench.rlhf",
     "comigs": "bench.comigs",
 }
