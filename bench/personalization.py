@@ -18,13 +18,20 @@ Protocol (CPU-sized; the candidates are real SmolLM2-135M generations):
    events up to ``events[j]``, averaged over users. ``oracle`` (best candidate each time) and
    ``random`` (mean candidate) bracket what ranking can achieve.
 
-``feedback_to_live_s`` needs the real broker and worker (the lead's glue): without ``--broker`` it
-is null with a note; ``update_s`` reports the in-process part (one adapter update) measured here.
+Sizes: the default is 2 users x 200 events over 200 prompts; ``--quick`` is 2 users x 100 events
+over 100 prompts. Each adapter update costs seconds on CPU. On the busy shared 2-core machine,
+``--users 4`` ran for more than 30 min (about 150 updates), so 4 is not the default.
+
+``feedback_to_live_s`` is measured through the real broker, personaliser agent and worker by
+``bench.personalization_live`` (also runnable alone as ``flywheel bench personalization-live``),
+after the in-process simulation; ``--live-users 0`` skips it. ``update_s`` reports the in-process
+part, one adapter update.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import random
 import statistics
@@ -62,17 +69,20 @@ DEFAULT_CACHE = Path(".flywheel") / "cache" / "personalization"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="2 users x 100 events (CI-sized)")
-    parser.add_argument("--users", type=int, default=None, help="simulated users (default 4; quick 2)")
+    parser.add_argument("--users", type=int, default=None, help="simulated users (default 2; quick 2)")
     parser.add_argument("--events", type=int, default=None, help="events per user (default 200; quick 100)")
     parser.add_argument("--prompts", type=int, default=None, help="prompt pool size (default 200; quick 100)")
     parser.add_argument("--window", type=int, default=None, help="reward window in events (default events/8)")
     parser.add_argument("--fixed-k", type=int, default=10, help="fixed_schedule: update every k events")
     parser.add_argument("--drift-fraction", type=float, default=0.5, help="users whose preference drifts")
     parser.add_argument("--update-budget-s", type=float, default=30.0, help="wall-time bound per update")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="processes simulating (arm, user) pairs side by side (each loads the model once)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--broker", default=None, help="Kafka bootstrap for feedback_to_live_s (lead's glue)")
+    parser.add_argument("--live-users", type=int, default=3,
+                        help="users for feedback_to_live_s through the real broker and worker (0: skip)")
 
 
 @dataclass
@@ -81,19 +91,19 @@ class ArmResult:
     updates: int = 0
     update_seconds: list[float] = field(default_factory=list)
     steps: int = 0
+    stopped_by_time: int = 0
+    """Updates cut short by ``--update-budget-s`` (then the result depends on machine load)."""
 
 
-def feedback_to_live_s(broker: str | None) -> dict[str, Any]:
+def feedback_to_live_s(users: int) -> dict[str, Any]:
     """Seconds from publishing a Feedback event to the first InferenceResponse produced with the
-    adapter that feedback caused (its adapter_version), through the real broker and worker.
+    adapter that feedback caused, through the local broker, the personaliser agent and a SmolLM2
+    worker (see ``bench.personalization_live``)."""
+    if users <= 0:
+        return {"p50": None, "p95": None, "note": "skipped (--live-users 0)"}
+    from bench.personalization_live import measure
 
-    Needs the running pipeline (personalisation agent + worker), which the lead's glue provides;
-    until then this returns nulls with a note, also when a broker is given."""
-    note = ("needs the personalisation agent and a worker on a real broker (lead's glue); "
-            "the in-process update time is under update_s")
-    if broker:
-        note = f"broker {broker} given, but the end-to-end probe is not wired yet; " + note
-    return {"p50": None, "p95": None, "note": note}
+    return asyncio.run(measure(users))
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -158,6 +168,7 @@ def simulate(user: SimulatedUser, policy: UpdatePolicy | None, trainer: Any, str
         state = policy.committed(state, now, batch.trained_upto_seq)
         result.updates += 1
         result.steps += int(update.metrics["steps"])
+        result.stopped_by_time += int(update.metrics["stopped_by_time"])
         result.update_seconds.append(update.metrics["seconds"])
         log.debug("%s %s event %d: %s lr=%.4f steps=%d agree=%.2f drift=%.2f", user.user_id, policy.name, i,
                   decision.reason, decision.lr, decision.steps, decision.agreement, decision.drift)
@@ -172,14 +183,75 @@ def _curve(per_user: Sequence[Sequence[float]], checkpoints: Sequence[int], wind
     return out
 
 
+def _trainer(model: Any, tokenizer: Any, store: Path, cache_dir: Path) -> Any:
+    """The benchmark's adapter trainer, with the base-model caches loaded from ``cache_dir``."""
+    from workers.adapters import AdapterConfig, AdapterTrainer
+
+    trainer = AdapterTrainer(model, tokenizer, AdapterConfig(base_model_name=MODEL, train_bf16=True), store)
+    trainer.load_caches(_cache_file(cache_dir, trainer))
+    return trainer
+
+
+def _cache_file(cache_dir: Path, trainer: Any) -> Path:
+    return cache_dir / f"trunk-{MODEL}-{trainer.scorer.split}.pt"
+
+
+_WORKER: dict[str, Any] = {}
+"""Per worker process: its own model and trainer (``--jobs`` > 1; spawned, so nothing is shared)."""
+
+
+def _worker_init(threads: int, store: str, cache_dir: str) -> None:
+    import torch
+
+    from workers.engines.loader import load_model
+
+    torch.set_num_threads(threads)
+    lm = load_model(MODEL)
+    _WORKER["trainer"] = _trainer(lm.model, lm.tokenizer, Path(store), Path(cache_dir))
+
+
+def _worker_simulate(user: SimulatedUser, policy: UpdatePolicy, stream: Sequence[Prompt],
+                     pool: dict[str, list[str]], update_budget_s: float) -> ArmResult:
+    return simulate(user, policy, _WORKER["trainer"], stream, pool, update_budget_s)
+
+
+def _run_arms(args: argparse.Namespace, policies: dict[str, UpdatePolicy], users: Sequence[SimulatedUser],
+              streams: Sequence[Sequence[Prompt]], pool: dict[str, list[str]], trainer: Any, store: Path,
+              seconds: dict[str, float]) -> dict[str, list[ArmResult]]:
+    """Every (arm, user) simulation; they are independent, so ``--jobs`` processes run them side by
+    side (results are identical to a sequential run: each simulation is deterministic)."""
+    tasks = [(name, k) for name in policies for k in range(len(users))]
+    out: dict[tuple[str, int], ArmResult] = {}
+    t = time.perf_counter()
+    if args.jobs <= 1:
+        for name, k in tasks:
+            t_arm = time.perf_counter()
+            out[name, k] = simulate(users[k], policies[name], trainer, streams[k], pool, args.update_budget_s)
+            seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - t_arm, 1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init,
+                                 initargs=(args.threads, str(store), str(args.cache_dir))) as ex:
+            futures = {task: ex.submit(_worker_simulate, users[task[1]], policies[task[0]], streams[task[1]],
+                                       pool, args.update_budget_s) for task in tasks}
+            for task, future in futures.items():
+                out[task] = future.result()
+    seconds["arms_wall"] = round(time.perf_counter() - t, 1)
+    for (name, k), r in sorted(out.items()):
+        log.info("%s %s: reward %.3f, %d updates", name, users[k].user_id,
+                 statistics.fmean(r.rewards[-max(1, len(r.rewards) // 8):]), r.updates)
+    return {name: [out[name, k] for k in range(len(users))] for name in policies}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from workers.adapters import AdapterConfig, AdapterTrainer
-
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
-    n_users = args.users or (2 if args.quick else 4)
+    n_users = args.users or 2
     n_events = args.events or (100 if args.quick else 200)
     n_prompts = args.prompts or (100 if args.quick else 200)
     window = args.window or max(5, n_events // 8)
@@ -202,36 +274,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pool_s = time.perf_counter() - t
     every_text = [text for p in prompts for text in pool[p.prompt_id]]
     users = [calibrate(u, every_text) for u in users]
+    streams = [_stream(prompts, n_events, u) for u in users]
     model, tokenizer = load()
     seconds: dict[str, float] = {"pool": round(pool_s, 1), "model_load": round(loaded["seconds"], 1)}
+    asls_config = ASLSConfig()
     with tempfile.TemporaryDirectory(prefix="flywheel-adapters-") as store:
-        trainer = AdapterTrainer(model, tokenizer, AdapterConfig(base_model_name=MODEL, train_bf16=True),
-                                 Path(store))
-        cache_file = args.cache_dir / f"trunk-{MODEL}-{trainer.scorer.split}.pt"
-        trainer.load_caches(cache_file)
+        trainer = _trainer(model, tokenizer, Path(store), args.cache_dir)
         t = time.perf_counter()
         for p in prompts:  # base scores of every candidate: the static ranking and the DPO reference
             trainer.score(p.text, pool[p.prompt_id], None)
-        trainer.save_caches(cache_file)
+        trainer.save_caches(_cache_file(args.cache_dir, trainer))
         seconds["base_scoring"] = round(time.perf_counter() - t, 1)
-        asls_config = ASLSConfig()
-        policies: dict[str, UpdatePolicy | None] = {
-            "static": None,
+        t = time.perf_counter()
+        results: dict[str, list[ArmResult]] = {
+            "static": [simulate(u, None, trainer, s, pool, args.update_budget_s)
+                       for u, s in zip(users, streams, strict=True)]}
+        seconds["static"] = round(time.perf_counter() - t, 1)
+        policies: dict[str, UpdatePolicy] = {
             # same learning rate as ASLS at neutral agreement: only *when* and *how much* differ
             "fixed_schedule": FixedSchedule(FixedScheduleConfig(every_k_events=args.fixed_k,
                                                                 lr=asls_config.base_lr)),
             "asls": ASLSStrategy(asls_config),
         }
-        results: dict[str, list[ArmResult]] = {name: [] for name in policies}
-        for name, policy in policies.items():
-            t = time.perf_counter()
-            for user in users:
-                results[name].append(simulate(user, policy, trainer, _stream(prompts, n_events, user), pool,
-                                              args.update_budget_s))
-                log.info("%s %s: reward %.3f, %d updates", name, user.user_id,
-                         statistics.fmean(results[name][-1].rewards[-window:]), results[name][-1].updates)
-            seconds[name] = round(time.perf_counter() - t, 1)
-    streams = [_stream(prompts, n_events, u) for u in users]
+        results.update(_run_arms(args, policies, users, streams, pool, trainer, Path(store), seconds))
     oracle = [[max(u.utility(c, i) for c in pool[p.prompt_id]) for i, p in enumerate(s)]
               for u, s in zip(users, streams, strict=True)]
     mean_c = [[statistics.fmean(u.utility(c, i) for c in pool[p.prompt_id]) for i, p in enumerate(s)]
@@ -245,7 +310,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "events": checkpoints,
         "reward": {"asls": asls, "static": static, "fixed_schedule": fixed},
         "updates": {"asls": updates["asls"], "fixed_schedule": updates["fixed_schedule"]},
-        "feedback_to_live_s": feedback_to_live_s(args.broker),
+        "feedback_to_live_s": feedback_to_live_s(args.live_users),
         "ratios": {
             "asls_vs_static": [round(a / s, 3) for a, s in zip(asls, static, strict=True)],
             "asls_vs_fixed_schedule": [round(a / f, 3) for a, f in zip(asls, fixed, strict=True)],
@@ -260,17 +325,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "update_s": {name: _percentiles([s for r in res for s in r.update_seconds])
                      for name, res in results.items() if name != "static"},
         "steps": {name: sum(r.steps for r in res) for name, res in results.items() if name != "static"},
+        "stopped_by_time": {name: sum(r.stopped_by_time for r in res) for name, res in results.items()
+                            if name != "static"},
         "per_user": {
             u.user_id: {
                 "preference": f"{u.preference.length}/{u.preference.style}/{u.preference.topic}"
                               + (f" -> {u.drift_to.length} at {u.drift_at}" if u.drift_to else ""),
-                **{name: round(statistics.fmean(results[name][k].rewards[-window:]), 4) for name in policies},
-                "updates": {name: results[name][k].updates for name in policies if name != "static"},
+                **{name: round(statistics.fmean(results[name][k].rewards[-window:]), 4) for name in results},
+                "updates": {name: results[name][k].updates for name in policies},
             } for k, u in enumerate(users)
         },
         "setup": {"model": MODEL, "prompts": n_prompts, "candidates_per_prompt": len(STYLES), "window": window,
-                  "fixed_k": args.fixed_k, "fixed_lr": asls_config.base_lr, "fixed_steps": 6,
+                  "fixed_k": args.fixed_k, "fixed_lr": asls_config.base_lr, "fixed_steps": FixedScheduleConfig().steps,
                   "drift_users": sum(u.drift_to is not None for u in users),
-                  "drift_at": n_events // 2, "update_budget_s": args.update_budget_s, "threads": args.threads},
+                  "drift_at": n_events // 2, "update_budget_s": args.update_budget_s, "threads": args.threads,
+                  "jobs": args.jobs},
         "seconds": seconds,
     }

@@ -28,3 +28,20 @@ def stop_local_services(settings: Settings) -> None:
         LocalKafka(settings.home, settings.kafka_port, settings.kafka_controller_port).stop()
     if settings.database_url is None:
         EmbeddedPostgres(settings.home, settings.postgres_port).stop()
+
+
+def running_local_services(settings: Settings) -> tuple[bool, bool]:
+    """Whether the local broker and the embedded Postgres are running now (False when external)."""
+    broker = not settings.kafka_bootstrap and LocalKafka(
+        settings.home, settings.kafka_port, settings.kafka_controller_port).status().running
+    postgres = settings.database_url is None and EmbeddedPostgres(
+        settings.home, settings.postgres_port).status().running
+    return bool(broker), bool(postgres)
+
+
+def stop_started_services(settings: Settings, before: tuple[bool, bool]) -> None:
+    """Stop the local services that were not running at ``before`` (what this process started)."""
+    if not settings.kafka_bootstrap and not before[0]:
+        LocalKafka(settings.home, settings.kafka_port, settings.kafka_controller_port).stop()
+    if settings.database_url is None and not before[1]:
+        EmbeddedPostgres(settings.home, settings.postgres_port).stop()

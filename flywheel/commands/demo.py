@@ -12,6 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--duration", type=float, default=240.0, help="seconds of traffic (default 240)")
     parser.add_argument("--users", type=int, default=6)
+    parser.add_argument("--keep-services", action="store_true",
+                        help="leave local Kafka and Postgres running (default: stop what the demo started)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,12 +21,18 @@ def run(args: argparse.Namespace) -> int:
 
     from flywheel.demo.run import Demo, DemoConfig, summary_table
     from flywheel.runtime import run_async, setup_logging
+    from flywheel.services import running_local_services, stop_started_services
 
     settings = get_settings()
     setup_logging("WARNING")
     console = None if args.json else Console()
     demo = Demo(settings, DemoConfig(duration_s=args.duration, users=args.users))
-    result = run_async(demo.run(console))
+    before = running_local_services(settings)
+    try:
+        result = run_async(demo.run(console))
+    finally:
+        if not args.keep_services:
+            stop_started_services(settings, before)
     if args.json:
         print(json.dumps(result))
     else:

@@ -97,6 +97,18 @@ async def test_feedback_trains_an_adapter_served_only_to_its_user(kafka_broker, 
             other = await ask(bob, "Describe a forest in one sentence.")
             assert other["adapter_version"] is None, "bob must never be served alice's adapter"
 
+            # A redelivered feedback event is not applied twice: its announcement is re-sent as is.
+            trigger = await services.pool.fetchval("SELECT feedback_id FROM adapters WHERE user_id = $1", alice)
+            await producer.send_and_wait(catalog.feedback, next(e for e in events if e["event_id"] == trigger),
+                                         key=alice)
+
+            async def announced_twice():
+                found = [e for e in await events_of(services, catalog.adapters) if e["user_id"] == alice]
+                return found if len(found) >= 2 else None
+
+            again = await wait_for(announced_twice, 60, "the re-sent announcement")
+            assert {(e["event_id"], e["version"], e["adapter_hash"]) for e in again} == \
+                {(adapter["event_id"], 1, adapter["adapter_hash"])}
             rows = await services.pool.fetch("SELECT version, adapter_hash, feedback_id FROM adapters "
                                              "WHERE user_id = $1", alice)
             assert [(r["version"], r["adapter_hash"]) for r in rows] == [(1, adapter["adapter_hash"])]
