@@ -13,6 +13,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from streams.events import event_time_ms
+
 LATENCY_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 20000, 40000, 80000)
 WINDOW_S = 600  # throughput and ELO series keep the last ten minutes
 SLOT_S = 2
@@ -76,13 +78,17 @@ class ServiceStats:
             self.elo = ratings
             self.elo_series.append((now or time.time(), ratings))
 
+    def _since_start(self, event: dict[str, Any]) -> bool:
+        """Whether a state event (read from the topic's beginning) happened during this run."""
+        return event_time_ms(event) >= self.started_at * 1000
+
     def on_adapter(self, event: dict[str, Any]) -> None:
-        self.adapters_published += 1
+        self.adapters_published += self._since_start(event)
         self.adapters[event["user_id"]] = {"hash": event["adapter_hash"][:12], "version": event["version"],
                                            "rollback": event["rollback"]}
 
     def on_model(self, event: dict[str, Any]) -> None:
-        self.trainer_steps += 1
+        self.trainer_steps += self._since_start(event)
         self.models[event["model"]] = {"version": event["version"], "step": event["step"]}
 
     def on_heartbeat(self, event: dict[str, Any], now: float | None = None) -> None:
