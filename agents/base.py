@@ -31,7 +31,7 @@ from flywheel.runtime import setup_logging
 from flywheel.settings import Settings
 from streams.dlq import DeadLetters
 from streams.kafka import KafkaConfig, encode_key
-from streams.tracing import inject_headers, setup_tracing
+from streams.tracing import inject_headers, process_context, setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,25 @@ async def decode(services: Services, event: Any, dlq: DeadLetters) -> dict[str, 
         await dlq.publish(topic=message.topic, partition=message.partition, offset=message.offset,
                           key=message.key, value=message.value, headers=headers, error=exc)
         return None
+
+
+async def process_each(stream: Any, services: Services, dlq: DeadLetters,
+                       handle: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    """The body of a decode -> core -> produce agent: each record is decoded (undecodable bytes
+    become dead letters), handled inside its trace context, and dead-lettered with the reason if
+    ``handle`` raises :class:`DeadLetterError`. Any other error propagates (see ``exits_on_error``)."""
+    async for event in stream.events():
+        message = event.message
+        record = await decode(services, event, dlq)
+        if record is None:
+            continue
+        with process_context(message.topic, message.headers, message.partition, message.offset):
+            try:
+                await handle(record)
+            except DeadLetterError as exc:
+                await dlq.publish(topic=message.topic, partition=message.partition, offset=message.offset,
+                                  key=message.key, value=message.value, headers=list(message.headers or []),
+                                  error=exc, event=record)
 
 
 def exits_on_error(body: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:

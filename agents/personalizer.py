@@ -30,9 +30,9 @@ from typing import Any
 
 import faust
 
-from agents.base import FaustSink, decode, exits_on_error, make_app, raw_topic, run_agent_process
+from agents.base import FaustSink, decode, exits_on_error, make_app, process_each, raw_topic, run_agent_process
 from agents.personalizer_store import PersonalizerStore, Shown, StateConflict
-from core.errors import DeadLetterError, ValidationError
+from core.errors import ValidationError
 from core.personalization import ASLSConfig, ASLSStrategy, FeedbackEvent, ShownResponse, feedback_event_from_record
 from core.personalization.online import OnlineConfig, OnlinePersonalizer, UpdatePlan, UserState
 from flywheel.connect import Services
@@ -40,7 +40,6 @@ from flywheel.settings import Settings
 from flywheel.telemetry import ADAPTER_UPDATE_SECONDS, ADAPTERS_PUBLISHED
 from streams.dlq import DeadLetters
 from streams.events import envelope, event_time_ms, prompt_text
-from streams.tracing import process_context
 
 log = logging.getLogger(__name__)
 
@@ -211,20 +210,12 @@ def build(services: Services) -> faust.App:
     @app.agent(raw_topic(app, catalog.feedback), name="feedback-to-adapters")
     @exits_on_error
     async def feedback_to_adapters(stream: Any) -> None:
-        async for event in stream.events():
-            message = event.message
-            feedback = await decode(services, event, dlq)
-            if feedback is None:
-                continue
-            with process_context(message.topic, message.headers, message.partition, message.offset):
-                try:
-                    for announcement in await personalizer.handle(feedback):
-                        await sink.send(catalog.adapters, announcement, key=announcement["user_id"])
-                        ADAPTERS_PUBLISHED.inc()
-                except DeadLetterError as exc:
-                    await dlq.publish(topic=message.topic, partition=message.partition, offset=message.offset,
-                                      key=message.key, value=message.value, headers=list(message.headers or []),
-                                      error=exc, event=feedback)
+        async def handle(feedback: dict[str, Any]) -> None:
+            for announcement in await personalizer.handle(feedback):
+                await sink.send(catalog.adapters, announcement, key=announcement["user_id"])
+                ADAPTERS_PUBLISHED.inc()
+
+        await process_each(stream, services, dlq, handle)
 
     @app.task
     async def warm_up() -> None:

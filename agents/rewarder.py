@@ -11,14 +11,12 @@ from typing import Any
 
 import faust
 
-from agents.base import FaustSink, decode, exits_on_error, make_app, raw_topic, run_agent_process
-from core.errors import DeadLetterError
+from agents.base import FaustSink, exits_on_error, make_app, process_each, raw_topic, run_agent_process
 from core.rewards import rewards_from_feedback
 from flywheel.connect import Services
 from flywheel.settings import Settings
 from streams.dlq import DeadLetters
 from streams.events import event_time_ms
-from streams.tracing import process_context
 
 
 def reward_events(feedback: dict[str, Any]) -> list[dict[str, Any]]:
@@ -49,19 +47,11 @@ def build(services: Services) -> faust.App:
     @app.agent(raw_topic(app, catalog.feedback), name="feedback-to-rewards")
     @exits_on_error
     async def feedback_to_rewards(stream: Any) -> None:
-        async for event in stream.events():
-            message = event.message
-            feedback = await decode(services, event, dlq)
-            if feedback is None:
-                continue
-            with process_context(message.topic, message.headers, message.partition, message.offset):
-                try:
-                    for reward in reward_events(feedback):
-                        await sink.send(catalog.rewards, reward, key=reward["request_id"])
-                except DeadLetterError as exc:
-                    await dlq.publish(topic=message.topic, partition=message.partition, offset=message.offset,
-                                      key=message.key, value=message.value, headers=list(message.headers or []),
-                                      error=exc, event=feedback)
+        async def handle(feedback: dict[str, Any]) -> None:
+            for reward in reward_events(feedback):
+                await sink.send(catalog.rewards, reward, key=reward["request_id"])
+
+        await process_each(stream, services, dlq, handle)
 
     return app
 

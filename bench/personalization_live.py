@@ -31,6 +31,7 @@ from typing import Any
 from flywheel.connect import Services, connect
 from flywheel.services import ensure_local_services
 from flywheel.settings import get_settings
+from streams import events
 from streams.events import envelope, inference_request
 from streams.kafka import EventProducer
 from streams.replay import read_topics
@@ -105,18 +106,17 @@ class _Session:
             second = await self.ask(user, prompt, seed=seed)
 
         def feedback(response: dict[str, Any], kind: str, **fields: Any) -> dict[str, Any]:
-            return {**envelope(response["request_id"], response["tenant_id"], user),
-                    "request_id": response["request_id"], "model": MODEL, "prompt": None, "kind": kind,
-                    "rating": None, "thumbs_up": None, "pairwise": None, "implicit": None} | fields
+            return events.feedback(user_id=user, request_id=response["request_id"], kind=kind,
+                                   tenant_id=response["tenant_id"], model=MODEL, **fields)
 
-        events = [
+        sent = [
             feedback(first, "implicit", implicit={"signal": "regenerate", "edited_text": None, "dwell_ms": None}),
             feedback(second, "implicit", implicit={"signal": "accept", "edited_text": None, "dwell_ms": 15000}),
             feedback(second, "pairwise", pairwise={"request_id_a": first["request_id"], "model_a": MODEL,
                                                     "request_id_b": second["request_id"], "model_b": MODEL,
                                                     "winner": "b"}),
         ]
-        for event in events:
+        for event in sent:
             await self.producer.send_and_wait(self.s.catalog.feedback, event, key=user)
         started = time.monotonic()
 

@@ -12,7 +12,8 @@ import pytest
 
 from flywheel.connect import connect
 from flywheel.personalizer_admin import rollback
-from streams.events import envelope, inference_request
+from streams import events
+from streams.events import inference_request
 from streams.kafka import EventProducer
 from tests.integration.conftest import make_settings
 from tests.integration.test_trainer_loop import events_of, process, wait_for
@@ -32,10 +33,8 @@ PERSONALIZER_ENV = {
 
 
 def feedback(response: dict, kind: str, **fields: object) -> dict:
-    base = {**envelope(response["request_id"], response["tenant_id"], response["user_id"]),
-            "request_id": response["request_id"], "model": response["model"], "kind": kind, "rating": None,
-            "thumbs_up": None, "pairwise": None, "implicit": None, "prompt": None}
-    return base | fields
+    return events.feedback(user_id=response["user_id"], request_id=response["request_id"], kind=kind,
+                           tenant_id=response["tenant_id"], model=response["model"], **fields)
 
 
 async def test_feedback_trains_an_adapter_served_only_to_its_user(kafka_broker, postgres):
@@ -67,14 +66,14 @@ async def test_feedback_trains_an_adapter_served_only_to_its_user(kafka_broker, 
             assert first["text"] != second["text"]
             assert first["adapter_version"] is None and second["adapter_version"] is None
             # Alice regenerates the first answer, accepts the second and says so explicitly.
-            events = [
+            sent = [
                 feedback(first, "implicit", implicit={"signal": "regenerate", "edited_text": None, "dwell_ms": None}),
                 feedback(second, "implicit", implicit={"signal": "accept", "edited_text": None, "dwell_ms": 15000}),
                 feedback(second, "pairwise", pairwise={"request_id_a": first["request_id"], "model_a": MODEL,
                                                         "request_id_b": second["request_id"], "model_b": MODEL,
                                                         "winner": "b"}),
             ]
-            for event in events:
+            for event in sent:
                 await producer.send_and_wait(catalog.feedback, event, key=alice)
 
             async def announced():
@@ -99,7 +98,7 @@ async def test_feedback_trains_an_adapter_served_only_to_its_user(kafka_broker, 
 
             # A redelivered feedback event is not applied twice: its announcement is re-sent as is.
             trigger = await services.pool.fetchval("SELECT feedback_id FROM adapters WHERE user_id = $1", alice)
-            await producer.send_and_wait(catalog.feedback, next(e for e in events if e["event_id"] == trigger),
+            await producer.send_and_wait(catalog.feedback, next(e for e in sent if e["event_id"] == trigger),
                                          key=alice)
 
             async def announced_twice():
@@ -113,7 +112,7 @@ async def test_feedback_trains_an_adapter_served_only_to_its_user(kafka_broker, 
                                              "WHERE user_id = $1", alice)
             assert [(r["version"], r["adapter_hash"]) for r in rows] == [(1, adapter["adapter_hash"])]
             assert await services.pool.fetchval("SELECT count(*) FROM personalizer_applied WHERE user_id = $1",
-                                                alice) == len(events)
+                                                alice) == len(sent)
             assert not await events_of(services, catalog.dlq("personalizer"))
 
             # An operator rolls alice back to the base model: a new version, and workers follow.
