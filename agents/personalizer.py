@@ -150,17 +150,16 @@ class Personalizer:
         user, plan = self.online.plan(user, event, signals, margins, produced_with)
         announcement = None
         if plan.batch is not None:
-            announcement, user = await self._update(user, plan, feedback, current_dir)
+            announcement, user = await self._update(trainer, user, plan, feedback, current_dir)
         else:
             log.debug("user %s: no update (%s)", user.user_id, plan.reason)
         await self.store.apply(user, read_version, feedback_id, announcement)
         return [announcement] if announcement else []
 
-    async def _update(self, user: UserState, plan: UpdatePlan, feedback: dict[str, Any],
+    async def _update(self, trainer: Any, user: UserState, plan: UpdatePlan, feedback: dict[str, Any],
                       current_dir: Path | None) -> tuple[dict[str, Any], UserState]:
         batch = plan.batch
         assert batch is not None
-        trainer = await self.trainer()
         decision = plan.decision
         update = await asyncio.to_thread(
             lambda: trainer.update(user.user_id, batch.pairs, batch.sft, current_dir, lr=decision.lr,
