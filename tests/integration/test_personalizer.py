@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from typing import Any
 
 import pytest
 
@@ -32,7 +33,7 @@ PERSONALIZER_ENV = {
 }
 
 
-def feedback(response: dict, kind: str, **fields: object) -> dict:
+def feedback(response: dict, kind: str, **fields: Any) -> dict:
     return events.feedback(user_id=response["user_id"], request_id=response["request_id"], kind=kind,
                            tenant_id=response["tenant_id"], model=response["model"], **fields)
 
