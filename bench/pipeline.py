@@ -28,7 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from flywheel.connect import connect
 from flywheel.runtime import run_async, setup_logging
-from flywheel.services import ensure_local_services
+from flywheel.services import local_services
 from flywheel.settings import get_settings
 from streams.topics import TopicSpec, ensure_topics
 
@@ -70,7 +70,6 @@ async def _one_round(mode: str, topic: str, n: int, rate: float, ratio: float) -
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     settings = get_settings()
-    ensure_local_services(settings)
     svc = await connect(settings, "bench-pipeline", run_migrations=True, create_topics=True)
     topic = f"bench.pipeline.{uuid.uuid4().hex[:8]}"
     admin = AIOKafkaAdminClient(**svc.kafka.client_kwargs())
@@ -110,4 +109,5 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging("WARNING")
-    return run_async(_run(args))
+    with local_services(get_settings()):
+        return run_async(_run(args))

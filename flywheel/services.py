@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 from flywheel.embedded_pg import EmbeddedPostgres
 from flywheel.localkafka import BrokerState, LocalKafka
@@ -45,3 +47,14 @@ def stop_started_services(settings: Settings, before: tuple[bool, bool]) -> None
         LocalKafka(settings.home, settings.kafka_port, settings.kafka_controller_port).stop()
     if settings.database_url is None and not before[1]:
         EmbeddedPostgres(settings.home, settings.postgres_port).stop()
+
+
+@contextlib.contextmanager
+def local_services(settings: Settings) -> Iterator[None]:
+    """Run the block with the local services up; stop afterwards only those it had to start."""
+    before = running_local_services(settings)
+    ensure_local_services(settings)
+    try:
+        yield
+    finally:
+        stop_started_services(settings, before)

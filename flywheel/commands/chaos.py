@@ -31,10 +31,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from flywheel.chaos.faults import FAULTS, run_faults
     from flywheel.chaos.fuzz import fuzz_all
     from flywheel.chaos.load import LoadSystem, ramp, soak
-    from flywheel.services import ensure_local_services
-
     settings = get_settings()
-    await asyncio.to_thread(ensure_local_services, settings)
     skip = set(filter(None, args.skip.split(",")))
     if args.quick:
         args.runs, args.fuzz_cases = 1, 1000
@@ -71,7 +68,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging("WARNING" if args.json else get_settings().log_level)
-    result = run_async(_run(args))
+    from flywheel.services import local_services
+
+    with local_services(get_settings()):
+        result = run_async(_run(args))
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     faults_ok = all(v["lost"] == 0 and v["duplicated"] == 0 for v in result.get("faults", {}).values())
     return 0 if faults_ok and result.get("fuzz", {}).get("crashes", 0) == 0 else 1

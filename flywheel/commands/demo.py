@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 from flywheel.settings import get_settings
@@ -21,18 +22,14 @@ def run(args: argparse.Namespace) -> int:
 
     from flywheel.demo.run import Demo, DemoConfig, summary_table
     from flywheel.runtime import run_async, setup_logging
-    from flywheel.services import running_local_services, stop_started_services
+    from flywheel.services import local_services
 
     settings = get_settings()
     setup_logging("WARNING")
     console = None if args.json else Console()
     demo = Demo(settings, DemoConfig(duration_s=args.duration, users=args.users))
-    before = running_local_services(settings)
-    try:
+    with contextlib.nullcontext() if args.keep_services else local_services(settings):
         result = run_async(demo.run(console))
-    finally:
-        if not args.keep_services:
-            stop_started_services(settings, before)
     if args.json:
         print(json.dumps(result))
     else:
