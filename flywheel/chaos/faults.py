@@ -219,8 +219,17 @@ class ChaosSystem:
         assert self.services is not None
         svc = self.services
         by_id = {a["request_id"]: a for a in answers}
-        counts = await self.finals()
         asked = set(by_id) | {a["request_id"] for a in answers}
+        counts = await self.finals()
+        # Right after a broker fault a fresh reader can briefly see a stale end of the log (its
+        # metadata still points at the old leader state). A final is lost only if it never shows
+        # up, so re-read for a while before counting one as lost.
+        reread_deadline = time.monotonic() + 60
+        rereads = 0
+        while any(counts[rid] == 0 for rid in asked) and time.monotonic() < reread_deadline:
+            await asyncio.sleep(2)
+            counts = await self.finals()
+            rereads += 1
         lost = sum(1 for rid in asked if counts[rid] == 0) + (len(requests) - len(answers))
         duplicated = sum(counts[rid] - 1 for rid in asked if counts[rid] > 1)
         dupes = [rid for rid in asked if counts[rid] > 1]
@@ -243,6 +252,8 @@ class ChaosSystem:
                                   f"replay {replay.ranker.global_ratings()}"]
         if dupes:
             notes.append(f"duplicated finals: {await self.describe(dupes)}")
+        if rereads:
+            notes.append(f"finals complete after {rereads} re-reads of the responses topic")
         return RunResult(fault, len(requests), lost, duplicated, len(feedback_ids), feedback_lost, match, overspent,
                          time.monotonic() - started, notes)
 
