@@ -25,36 +25,28 @@ def ensure_local_services(settings: Settings) -> tuple[BrokerState | None, str |
     return broker, pg_url
 
 
-def stop_local_services(settings: Settings) -> None:
+def _local(settings: Settings) -> list[LocalKafka | EmbeddedPostgres]:
+    """The local services this configuration uses (none for external Kafka and Postgres)."""
+    out: list[LocalKafka | EmbeddedPostgres] = []
     if not settings.kafka_bootstrap:
-        LocalKafka(settings.home, settings.kafka_port, settings.kafka_controller_port).stop()
+        out.append(LocalKafka(settings.home, settings.kafka_port, settings.kafka_controller_port))
     if settings.database_url is None:
-        EmbeddedPostgres(settings.home, settings.postgres_port).stop()
+        out.append(EmbeddedPostgres(settings.home, settings.postgres_port))
+    return out
 
 
-def running_local_services(settings: Settings) -> tuple[bool, bool]:
-    """Whether the local broker and the embedded Postgres are running now (False when external)."""
-    broker = not settings.kafka_bootstrap and LocalKafka(
-        settings.home, settings.kafka_port, settings.kafka_controller_port).status().running
-    postgres = settings.database_url is None and EmbeddedPostgres(
-        settings.home, settings.postgres_port).status().running
-    return bool(broker), bool(postgres)
-
-
-def stop_started_services(settings: Settings, before: tuple[bool, bool]) -> None:
-    """Stop the local services that were not running at ``before`` (what this process started)."""
-    if not settings.kafka_bootstrap and not before[0]:
-        LocalKafka(settings.home, settings.kafka_port, settings.kafka_controller_port).stop()
-    if settings.database_url is None and not before[1]:
-        EmbeddedPostgres(settings.home, settings.postgres_port).stop()
+def stop_local_services(settings: Settings) -> None:
+    for service in _local(settings):
+        service.stop()
 
 
 @contextlib.contextmanager
 def local_services(settings: Settings) -> Iterator[None]:
     """Run the block with the local services up; stop afterwards only those it had to start."""
-    before = running_local_services(settings)
+    started_here = [s for s in _local(settings) if not s.status().running]
     ensure_local_services(settings)
     try:
         yield
     finally:
-        stop_started_services(settings, before)
+        for service in started_here:
+            service.stop()
