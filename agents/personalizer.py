@@ -21,9 +21,7 @@ Adapter training runs in a worker thread, one at a time; the event loop keeps se
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from typing import Any
 import faust
 
 from agents.base import FaustSink, decode, exits_on_error, make_app, process_each, raw_topic, run_agent_process
-from agents.personalizer_store import PersonalizerStore, Shown, StateConflict
+from agents.personalizer_store import PersonalizerStore, Shown, StateConflict, adapter_published
 from core.errors import ValidationError
 from core.personalization import ASLSConfig, ASLSStrategy, FeedbackEvent, ShownResponse, feedback_event_from_record
 from core.personalization.online import OnlineConfig, OnlinePersonalizer, UpdatePlan, UserState
@@ -39,7 +37,7 @@ from flywheel.connect import Services
 from flywheel.settings import Settings
 from flywheel.telemetry import ADAPTER_UPDATE_SECONDS, ADAPTERS_PUBLISHED
 from streams.dlq import DeadLetters
-from streams.events import envelope, event_time_ms, prompt_text
+from streams.events import event_time_ms, prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +58,6 @@ def referenced_requests(feedback: dict[str, Any]) -> list[str]:
     if feedback.get("kind") == "pairwise" and feedback.get("pairwise"):
         ids += [str(feedback["pairwise"]["request_id_a"]), str(feedback["pairwise"]["request_id_b"])]
     return ids
-
-
-def adapter_published(user: UserState, feedback: dict[str, Any] | None, base_model: str, rank: int,
-                      parent_hash: str | None, metrics: dict[str, float], rollback: bool = False,
-                      tenant_id: str = "default") -> dict[str, Any]:
-    """The AdapterPublished event for the user's current adapter (deterministic event id)."""
-    assert user.current is not None
-    event_id = hashlib.sha256(f"adapter:{user.user_id}:{user.current.version}".encode()).hexdigest()[:32]
-    correlation = str(feedback["request_id"]) if feedback else f"adapter:{user.user_id}"
-    return {
-        **envelope(correlation, str(feedback["tenant_id"]) if feedback else tenant_id, user.user_id,
-                   event_id=event_id, event_time_ms=event_time_ms(feedback) if feedback else None),
-        "adapter_hash": user.current.adapter_hash, "base_model": base_model, "version": user.current.version,
-        "uri": user.current.uri, "rank": rank, "parent_hash": parent_hash, "rollback": rollback,
-        "metrics": {k: float(v) for k, v in metrics.items() if not math.isnan(v)},  # NaN: no steps ran
-    }
 
 
 class Personalizer:

@@ -1,6 +1,7 @@
 """Postgres access for the personalisation agent (tables in ``migrations/0004_personalization.sql``).
 
 JSONB columns travel as Python objects (the pool's codec, see ``flywheel.db``).
+``adapter_published`` builds the registry row's event, so the agent and operator rollbacks announce alike.
 
 Everything a feedback event changes -- the user's state, the applied-event marker and the adapter
 registry row -- is written in one transaction (:meth:`PersonalizerStore.apply`), so a crash leaves
@@ -10,6 +11,8 @@ either all of it or none of it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -20,6 +23,23 @@ import asyncpg
 from core.errors import RetriableError
 from core.personalization import ShownResponse
 from core.personalization.online import AdapterRef, UserState
+from streams.events import envelope, event_time_ms
+
+
+def adapter_published(user: UserState, feedback: dict[str, Any] | None, base_model: str, rank: int,
+                      parent_hash: str | None, metrics: dict[str, float], rollback: bool = False,
+                      tenant_id: str = "default") -> dict[str, Any]:
+    """The AdapterPublished event for the user's current adapter (deterministic event id)."""
+    assert user.current is not None
+    event_id = hashlib.sha256(f"adapter:{user.user_id}:{user.current.version}".encode()).hexdigest()[:32]
+    correlation = str(feedback["request_id"]) if feedback else f"adapter:{user.user_id}"
+    return {
+        **envelope(correlation, str(feedback["tenant_id"]) if feedback else tenant_id, user.user_id,
+                   event_id=event_id, event_time_ms=event_time_ms(feedback) if feedback else None),
+        "adapter_hash": user.current.adapter_hash, "base_model": base_model, "version": user.current.version,
+        "uri": user.current.uri, "rank": rank, "parent_hash": parent_hash, "rollback": rollback,
+        "metrics": {k: float(v) for k, v in metrics.items() if not math.isnan(v)},  # NaN: no steps ran
+    }
 
 
 class StateConflict(RetriableError):
@@ -128,7 +148,6 @@ class PersonalizerStore:
         current) the user's current one under a new version number. ``publish(event)`` sends the
         AdapterPublished event; it runs inside the transaction, so the registry never records a
         rollback that was not announced."""
-        from agents.personalizer import adapter_published
         from core.personalization.online import rolled_back
 
         async with self.pool.acquire() as conn, conn.transaction():
