@@ -30,12 +30,22 @@ class LearnedRouter(Protocol):
     def predict(self, x: np.ndarray) -> np.ndarray: ...
 
 
-class KnnRouter:
+class _SklearnRouter:
+    """A router around one fitted scikit-learn regressor (set ``_model`` in ``fit``)."""
+
+    _model: object | None = None
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        assert self._model is not None, "fit first"
+        out: np.ndarray = self._model.predict(x)  # type: ignore[attr-defined]
+        return out
+
+
+class KnnRouter(_SklearnRouter):
     name = "knn"
 
     def __init__(self, k: int = 40) -> None:
         self.k = k
-        self._model: object | None = None
 
     def fit(self, x: np.ndarray, correct: np.ndarray) -> None:
         from sklearn.neighbors import KNeighborsRegressor
@@ -44,18 +54,12 @@ class KnnRouter:
         model.fit(x, correct)
         self._model = model
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        assert self._model is not None, "fit first"
-        out: np.ndarray = self._model.predict(x)  # type: ignore[attr-defined]
-        return out
 
-
-class MlpRouter:
+class MlpRouter(_SklearnRouter):
     name = "mlp"
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
-        self._model: object | None = None
 
     def fit(self, x: np.ndarray, correct: np.ndarray) -> None:
         from sklearn.neural_network import MLPRegressor
@@ -64,11 +68,6 @@ class MlpRouter:
                              max_iter=200, random_state=self.seed)
         model.fit(x, correct)
         self._model = model
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        assert self._model is not None, "fit first"
-        out: np.ndarray = self._model.predict(x)  # type: ignore[attr-defined]
-        return out
 
 
 class SvrRouter:
