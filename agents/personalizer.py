@@ -33,9 +33,9 @@ from agents.personalizer_store import PersonalizerStore, Shown, StateConflict, a
 from core.errors import ValidationError
 from core.personalization import ASLSConfig, ASLSStrategy, FeedbackEvent, ShownResponse, feedback_event_from_record
 from core.personalization.online import OnlineConfig, OnlinePersonalizer, UpdatePlan, UserState
-from flywheel.connect import Services
-from flywheel.settings import Settings
-from flywheel.telemetry import ADAPTER_UPDATE_SECONDS, ADAPTERS_PUBLISHED
+from infra.connect import Services
+from infra.settings import Settings
+from infra.telemetry import ADAPTER_UPDATE_SECONDS, ADAPTERS_PUBLISHED
 from streams.dlq import DeadLetters
 from streams.events import event_time_ms, prompt_text
 
@@ -75,7 +75,7 @@ class Personalizer:
     async def trainer(self) -> Any:
         async with self._loading:
             if self._trainer is None:
-                from workers.adapters import AdapterTrainer
+                from models.adapters import AdapterTrainer
 
                 log.info("loading %s for adapter training", self.settings.personalizer_model)
                 self._trainer = await asyncio.to_thread(

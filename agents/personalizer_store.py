@@ -1,6 +1,6 @@
 """Postgres access for the personalisation agent (tables in ``migrations/0004_personalization.sql``).
 
-JSONB columns travel as Python objects (the pool's codec, see ``flywheel.db``).
+JSONB columns travel as Python objects (the pool's codec, see ``infra.db``).
 ``adapter_published`` builds the registry row's event, so the agent and operator rollbacks announce alike.
 
 Everything a feedback event changes -- the user's state, the applied-event marker and the adapter

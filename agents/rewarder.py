@@ -13,8 +13,8 @@ import faust
 
 from agents.base import FaustSink, exits_on_error, make_app, process_each, raw_topic, run_agent_process
 from core.rewards import rewards_from_feedback
-from flywheel.connect import Services
-from flywheel.settings import Settings
+from infra.connect import Services
+from infra.settings import Settings
 from streams.dlq import DeadLetters
 from streams.events import event_time_ms
 

@@ -41,9 +41,9 @@ from core.errors import DeadLetterError
 from core.routing.budget import NoLiveModelError
 from core.routing.eagle import EagleConfig
 from core.validation import RequestLimits, validate_request
-from flywheel.connect import Services
-from flywheel.settings import Settings
-from flywheel.telemetry import REQUESTS_ROUTED, ROUTING_SECONDS
+from infra.connect import Services
+from infra.settings import Settings
+from infra.telemetry import REQUESTS_ROUTED, ROUTING_SECONDS
 from streams.dlq import DeadLetters
 from streams.events import envelope, event_time_ms, prompt_text
 from streams.tracing import process_context

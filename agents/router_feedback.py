@@ -25,8 +25,8 @@ from core.errors import DeadLetterError, ValidationError
 from core.routing.eagle import EagleConfig
 from core.routing.index import NeighbourIndex
 from core.routing.state import RouterFeedback, RouterState
-from flywheel.connect import Services
-from flywheel.telemetry import FEEDBACK_APPLIED, ROUTER_RATING
+from infra.connect import Services
+from infra.telemetry import FEEDBACK_APPLIED, ROUTER_RATING
 from streams.dlq import DeadLetters
 from streams.tracing import process_context
 

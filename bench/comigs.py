@@ -152,7 +152,7 @@ def run_arm(arm: str, tail: Any, data: dict[str, Any], args: argparse.Namespace)
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from core.moe.comigs import Split, UserData
     from core.moe.tail import TailLM
-    from workers.engines.loader import load_model
+    from models.loader import load_model
 
     if args.quick:
         args.rounds, args.local_steps, args.train_chunks, args.val_chunks, args.test_chunks = 2, 2, 12, 2, 2

@@ -10,7 +10,7 @@ Protocol (CPU-sized; the candidates are real SmolLM2-135M generations):
    current adapter ranks highest by per-token log-likelihood under base + adapter (the static
    arm: base alone). The user reacts with real feedback events (rating, regenerate, accept,
    edit, pairwise), which go through the real profile -> signals -> strategy -> LoRA trainer
-   path of ``core.personalization`` and ``workers.adapters``.
+   path of ``core.personalization`` and ``models.adapters``.
 3. Arms, side by side on the same users, prompts and user noise: ``static`` (never updates),
    ``fixed_schedule`` (every k events, fixed lr and steps) and ``asls`` (the adaptive rule).
    Half of the users change their length preference at the midpoint (drift).
@@ -185,7 +185,7 @@ def _curve(per_user: Sequence[Sequence[float]], checkpoints: Sequence[int], wind
 
 def _trainer(model: Any, tokenizer: Any, store: Path, cache_dir: Path) -> Any:
     """The benchmark's adapter trainer, with the base-model caches loaded from ``cache_dir``."""
-    from workers.adapters import AdapterConfig, AdapterTrainer
+    from models.adapters import AdapterConfig, AdapterTrainer
 
     trainer = AdapterTrainer(model, tokenizer, AdapterConfig(base_model_name=MODEL, train_bf16=True), store)
     trainer.load_caches(_cache_file(cache_dir, trainer))
@@ -203,7 +203,7 @@ _WORKER: dict[str, Any] = {}
 def _worker_init(threads: int, store: str, cache_dir: str) -> None:
     import torch
 
-    from workers.engines.loader import load_model
+    from models.loader import load_model
 
     torch.set_num_threads(threads)
     lm = load_model(MODEL)
@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def load() -> tuple[Any, Any]:
         if "model" not in loaded:
-            from workers.engines.loader import load_model
+            from models.loader import load_model
 
             t = time.perf_counter()
             lm = load_model(MODEL)

@@ -28,9 +28,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from flywheel.connect import Services, connect
-from flywheel.services import local_services
-from flywheel.settings import Settings, get_settings
+from infra.connect import Services, connect
+from infra.services import local_services
+from infra.settings import Settings, get_settings
 from streams import events
 from streams.events import envelope, inference_request
 from streams.kafka import EventProducer

@@ -26,10 +26,10 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from flywheel.connect import connect
-from flywheel.runtime import run_async, setup_logging
-from flywheel.services import local_services
-from flywheel.settings import get_settings
+from infra.connect import connect
+from infra.runtime import run_async, setup_logging
+from infra.services import local_services
+from infra.settings import get_settings
 from streams.topics import TopicSpec, ensure_topics
 
 

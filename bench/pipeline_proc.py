@@ -25,9 +25,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from flywheel.connect import connect
-from flywheel.runtime import run_async, setup_logging
-from flywheel.settings import get_settings
+from infra.connect import connect
+from infra.runtime import run_async, setup_logging
+from infra.settings import get_settings
 from streams.events import inference_request
 from streams.kafka import EventConsumer, EventProducer
 from streams.schemas import contract

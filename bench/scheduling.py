@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     from core.catalog import get_model
-    from workers.engines.loader import load_tokenizer
+    from models.loader import load_tokenizer
     from workers.engines.torch_engine import encode_chat
 
     kind = "quick" if args.quick else "full"

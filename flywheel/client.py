@@ -27,8 +27,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind
 
 from core.errors import RetriableError
-from flywheel.connect import Services, connect
-from flywheel.settings import Settings
+from infra.connect import Services, connect
+from infra.settings import Settings
 from streams import events
 from streams.kafka import EventConsumer, EventProducer
 from streams.tracing import tracer

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from agents.personalizer_store import PersonalizerStore
-from flywheel.connect import connect
-from flywheel.settings import Settings
+from infra.connect import connect
+from infra.settings import Settings
 from streams.kafka import EventProducer
 
 

@@ -7,10 +7,10 @@ import logging
 import os
 import signal
 
-from flywheel.connect import connect
-from flywheel.metrics import start_metrics
-from flywheel.runtime import run_async, setup_logging
-from flywheel.settings import Settings
+from infra.connect import connect
+from infra.metrics import start_metrics
+from infra.runtime import run_async, setup_logging
+from infra.settings import Settings
 from streams.tracing import setup_tracing
 from workers.engines.base import Engine
 from workers.serving import ServingConfig, ServingLoop

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
-from flywheel.connect import Services
-from flywheel.telemetry import TRAINER_REWARD, TRAINER_STEPS
+from infra.connect import Services
+from infra.telemetry import TRAINER_REWARD, TRAINER_STEPS
 from streams.dlq import DeadLetters
 from streams.events import envelope
 from streams.kafka import EventConsumer, EventProducer, Received, fetch_committed

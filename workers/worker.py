@@ -32,8 +32,8 @@ from core.catalog import get_model
 from core.errors import DeadLetterError, ValidationError
 from core.slo import deadline_ms
 from core.validation import RequestLimits, validate_request
-from flywheel.connect import Services
-from flywheel.telemetry import QUEUE_LENGTH, REQUEST_LATENCY, RESPONSES, RUNNING, SLO, TOKENS
+from infra.connect import Services
+from infra.telemetry import QUEUE_LENGTH, REQUEST_LATENCY, RESPONSES, RUNNING, SLO, TOKENS
 from streams.dlq import DeadLetters
 from streams.events import envelope, event_time_ms, prompt_text
 from streams.kafka import EventConsumer, EventProducer, Received, fetch_committed

@@ -32,11 +32,11 @@ from agents.router import ROUTER_CONFIG, journal_name
 from agents.router_feedback import load_state, prompt_key
 from core.routing.state import RouterFeedback, RouterState
 from flywheel.client import FlywheelClient
-from flywheel.connect import Services, connect
-from flywheel.embedded_pg import EmbeddedPostgres
-from flywheel.localkafka import LocalKafka
-from flywheel.settings import Settings
 from flywheel.supervisor import ChildSpec, Supervisor
+from infra.connect import Services, connect
+from infra.embedded_pg import EmbeddedPostgres
+from infra.localkafka import LocalKafka
+from infra.settings import Settings
 from streams.replay import read_topics
 
 log = logging.getLogger(__name__)

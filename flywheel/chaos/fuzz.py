@@ -166,7 +166,7 @@ def fuzz_gateway_bodies(cases: int) -> FuzzReport:
     of the pipeline accepts (the gateway never forwards what the router would dead-letter)."""
     from flywheel.gateway.api import ChatCompletionRequest
     from flywheel.gateway.app import Gateway, GatewayError
-    from flywheel.settings import Settings
+    from infra.settings import Settings
 
     gateway = Gateway(Settings())
     serde, _ = asyncio.run(_serde())

@@ -25,10 +25,10 @@ from typing import Any
 import httpx
 
 from flywheel.chaos.faults import MODEL, PROMPTS
-from flywheel.connect import connect
 from flywheel.gateway.stats import percentile
-from flywheel.settings import Settings
 from flywheel.supervisor import ChildSpec, Supervisor
+from infra.connect import connect
+from infra.settings import Settings
 
 log = logging.getLogger(__name__)
 SLO_S = 20.0

@@ -13,8 +13,8 @@ import json
 import uuid
 from typing import Any
 
-from flywheel.runtime import run_async, setup_logging
-from flywheel.settings import get_settings
+from infra.runtime import run_async, setup_logging
+from infra.settings import get_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +68,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging("WARNING" if args.json else get_settings().log_level)
-    from flywheel.services import local_services
+    from infra.services import local_services
 
     with local_services(get_settings()):
         result = run_async(_run(args))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from flywheel.connect import database_url
-from flywheel.db import create_pool, migrate
-from flywheel.embedded_pg import EmbeddedPostgres
-from flywheel.runtime import run_async, setup_logging
-from flywheel.settings import get_settings
+from infra.connect import database_url
+from infra.db import create_pool, migrate
+from infra.embedded_pg import EmbeddedPostgres
+from infra.runtime import run_async, setup_logging
+from infra.settings import get_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import json
 
-from flywheel.settings import get_settings
+from infra.settings import get_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +21,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from flywheel.demo.run import Demo, DemoConfig, summary_table
-    from flywheel.runtime import run_async, setup_logging
-    from flywheel.services import local_services
+    from infra.runtime import run_async, setup_logging
+    from infra.services import local_services
 
     settings = get_settings()
     setup_logging("WARNING")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flywheel.settings import get_settings
+from infra.settings import get_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,8 +16,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from flywheel.gateway.app import create_app
-    from flywheel.metrics import start_metrics
-    from flywheel.runtime import setup_logging
+    from infra.metrics import start_metrics
+    from infra.runtime import setup_logging
     from streams.tracing import setup_tracing
 
     settings = get_settings()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from flywheel.localkafka import LocalKafka
-from flywheel.runtime import setup_logging
-from flywheel.settings import get_settings
+from infra.localkafka import LocalKafka
+from infra.runtime import setup_logging
+from infra.settings import get_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

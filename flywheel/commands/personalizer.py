@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import json
 
-from flywheel.settings import get_settings
+from infra.settings import get_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flywheel.connect import connect
-from flywheel.runtime import run_async, setup_logging
-from flywheel.settings import get_settings
+from infra.connect import connect
+from infra.runtime import run_async, setup_logging
+from infra.settings import get_settings
 from streams.replay import record
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from flywheel.connect import connect
-from flywheel.runtime import run_async, setup_logging
-from flywheel.settings import get_settings
+from infra.connect import connect
+from infra.runtime import run_async, setup_logging
+from infra.settings import get_settings
 from streams.kafka import EventProducer, partitions_of
 from streams.replay import load_recording, replay
 from streams.topics import TopicSpec, ensure_topics

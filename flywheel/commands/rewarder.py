@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flywheel.settings import get_settings
+from infra.settings import get_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

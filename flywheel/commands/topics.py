@@ -6,9 +6,9 @@ import argparse
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from flywheel.connect import kafka_config, topic_catalog
-from flywheel.runtime import run_async, setup_logging
-from flywheel.settings import get_settings
+from infra.connect import kafka_config, topic_catalog
+from infra.runtime import run_async, setup_logging
+from infra.settings import get_settings
 from streams.topics import ensure_topics
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flywheel.settings import get_settings
+from infra.settings import get_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,9 +17,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from flywheel.connect import connect
-    from flywheel.metrics import start_metrics
-    from flywheel.runtime import run_async, setup_logging
+    from infra.connect import connect
+    from infra.metrics import start_metrics
+    from infra.runtime import run_async, setup_logging
     from streams.tracing import setup_tracing
     from workers.trainer.models import build_smollm2_models
     from workers.trainer.trainer import Trainer, TrainerConfig

@@ -12,12 +12,12 @@ import asyncio
 import logging
 import signal
 
-from flywheel.connect import connect
 from flywheel.deployment import WorkerPlan, plan_workers
-from flywheel.runtime import run_async, setup_logging
-from flywheel.services import ensure_local_services
-from flywheel.settings import Settings, get_settings
 from flywheel.supervisor import ChildSpec, Supervisor
+from infra.connect import connect
+from infra.runtime import run_async, setup_logging
+from infra.services import ensure_local_services
+from infra.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import os
 import socket
 
 from core.catalog import CATALOG
-from flywheel.settings import get_settings
+from infra.settings import get_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

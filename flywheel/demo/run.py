@@ -26,13 +26,13 @@ from rich.table import Table
 from core.catalog import CATALOG
 from flywheel.client import FlywheelClient, ResponseTimeout
 from flywheel.commands.up import children, prepare
-from flywheel.connect import connect
 from flywheel.demo.workload import DemoPrompt, SimulatedUser, load_prompts, make_users
 from flywheel.deployment import plan_workers
 from flywheel.gateway.observer import Observer
 from flywheel.gateway.stats import ServiceStats
-from flywheel.settings import Settings
 from flywheel.supervisor import Supervisor
+from infra.connect import connect
+from infra.settings import Settings
 
 log = logging.getLogger(__name__)
 

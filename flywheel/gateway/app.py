@@ -32,11 +32,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.catalog import CATALOG
 from flywheel.client import FlywheelClient, ResponseTimeout
-from flywheel.connect import Services, connect
 from flywheel.gateway.api import ChatCompletionRequest, FeedbackRequest, openai_error
 from flywheel.gateway.observer import Observer
 from flywheel.gateway.stats import ServiceStats
-from flywheel.settings import Settings
+from infra.connect import Services, connect
+from infra.settings import Settings
 from streams import events
 
 log = logging.getLogger(__name__)

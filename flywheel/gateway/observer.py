@@ -17,8 +17,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from core.slo import deadline_ms
-from flywheel.connect import Services
 from flywheel.gateway.stats import ServiceStats
+from infra.connect import Services
 from streams.events import event_time_ms
 from streams.kafka import EventConsumer, partitions_of
 

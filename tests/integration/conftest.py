@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from flywheel.connect import Services, connect
-from flywheel.embedded_pg import EmbeddedPostgres
-from flywheel.localkafka import LocalKafka
-from flywheel.settings import Settings
+from infra.connect import Services, connect
+from infra.embedded_pg import EmbeddedPostgres
+from infra.localkafka import LocalKafka
+from infra.settings import Settings
 from tests.conftest import TEST_HOME, TEST_KAFKA_PORT, TEST_PG_PORT
 
 

@@ -187,7 +187,7 @@ async def test_migrations_apply_twice_and_refuse_edits(postgres, tmp_path):
     import asyncpg
 
     from core.errors import FatalError
-    from flywheel.db import MIGRATIONS_DIR, migrate
+    from infra.db import MIGRATIONS_DIR, migrate
 
     admin = await asyncpg.connect(postgres.url.replace("/flywheel", "/postgres"))
     name = f"mig_{tmp_path.name[-8:].lower().replace('-', '_')}"

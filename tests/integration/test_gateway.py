@@ -16,8 +16,8 @@ import httpx
 import pytest
 from openai import AsyncOpenAI, AuthenticationError, BadRequestError, NotFoundError, PermissionDeniedError
 
-from flywheel.connect import connect
 from flywheel.supervisor import ChildSpec, Supervisor
+from infra.connect import connect
 from tests.conftest import TEST_HOME, flywheel_env
 from tests.integration.conftest import make_settings
 

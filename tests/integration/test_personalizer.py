@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from flywheel.connect import connect
 from flywheel.personalizer_admin import rollback
+from infra.connect import connect
 from streams import events
 from streams.events import inference_request
 from streams.kafka import EventProducer

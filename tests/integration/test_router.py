@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from flywheel.connect import connect
+from infra.connect import connect
 from streams.events import envelope
 from streams.kafka import EventConsumer, EventProducer
 from tests.conftest import flywheel_env

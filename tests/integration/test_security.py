@@ -11,8 +11,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from pydantic import SecretStr
 
-from flywheel.localkafka import LocalKafka, SecurityListener, make_tls_material
-from flywheel.settings import Settings
+from infra.localkafka import LocalKafka, SecurityListener, make_tls_material
+from infra.settings import Settings
 from streams.kafka import KafkaConfig, probe_capabilities
 from streams.topics import TopicSpec, ensure_topics
 from tests.conftest import TEST_HOME

@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from flywheel.connect import connect
-from flywheel.localkafka import LocalKafka
+from infra.connect import connect
+from infra.localkafka import LocalKafka
 from streams.dlq import DeadLetters
 from streams.kafka import EventConsumer, EventProducer, probe_capabilities
 from streams.replay import read_topics

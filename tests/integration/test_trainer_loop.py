@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from flywheel.connect import connect
+from infra.connect import connect
 from streams.events import envelope, inference_request
 from streams.kafka import EventProducer
 from streams.replay import read_topics

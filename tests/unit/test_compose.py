@@ -92,7 +92,7 @@ def test_mounted_files_exist_and_parse():
 def test_grafana_panels_use_metrics_the_services_export():
     from prometheus_client import REGISTRY
 
-    import flywheel.telemetry as telemetry  # noqa: F401  (registers the service metrics)
+    import infra.telemetry as telemetry  # noqa: F401  (registers the service metrics)
     import streams.dlq  # noqa: F401
     exported = {m.name for m in REGISTRY.collect()}
     dashboard = json.loads((COMPOSE / "grafana" / "dashboards" / "flywheel.json").read_text())

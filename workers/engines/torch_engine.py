@@ -86,7 +86,7 @@ class TorchEngine(Engine):
     @classmethod
     def from_catalog(cls, name: str, device: str | None = None) -> TorchEngine:
         """Load a catalogued model (SmolLM2, Gemma-3) from its PyPI wheel."""
-        from workers.engines.loader import load_model
+        from models.loader import load_model
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_model(name, device=dev)

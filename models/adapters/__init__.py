@@ -5,14 +5,14 @@ previous_adapter_dir, lr, steps, time_budget_s) -> AdapterUpdate(hash, path, met
 stored directory is a peft LoRA adapter the inference engine loads by its content hash.
 """
 
-from workers.adapters.trainer import (
+from models.adapters.trainer import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AdapterConfig,
     AdapterTrainer,
     AdapterUpdate,
 )
-from workers.adapters.trunk import ChatEncoder, EncodedPair, TrunkScorer
+from models.adapters.trunk import ChatEncoder, EncodedPair, TrunkScorer
 
 __all__ = [
     "ADAPTER_CONFIG",

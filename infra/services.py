@@ -6,9 +6,9 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-from flywheel.embedded_pg import EmbeddedPostgres
-from flywheel.localkafka import BrokerState, LocalKafka
-from flywheel.settings import Settings
+from infra.embedded_pg import EmbeddedPostgres
+from infra.localkafka import BrokerState, LocalKafka
+from infra.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from core.catalog import CATALOG
 from core.errors import RetriableError
-from flywheel.db import create_pool, migrate
-from flywheel.embedded_pg import EmbeddedPostgres
-from flywheel.localkafka import LocalKafka
-from flywheel.settings import Settings
+from infra.db import create_pool, migrate
+from infra.embedded_pg import EmbeddedPostgres
+from infra.localkafka import LocalKafka
+from infra.settings import Settings
 from streams.kafka import BrokerCapabilities, KafkaConfig, probe_capabilities
 from streams.registry import ConfluentRegistry, PostgresRegistry, SchemaRegistry
 from streams.schemas import load_contracts
