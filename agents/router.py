@@ -111,8 +111,12 @@ class Router:
         state, offset = await load_state(self.services.pool, name, self.config, self.models)
         self.applier = FeedbackApplier(self.services, state, offset, name, self.embedder, dlq)
         self.ready.set()
-        return [asyncio.create_task(self.applier.run(stop), name="router-feedback"),
-                asyncio.create_task(self._follow_heartbeats(stop), name="router-heartbeats")]
+        tasks = [asyncio.create_task(self._follow_heartbeats(stop), name="router-heartbeats")]
+        if self.services.settings.router_learn:
+            tasks.append(asyncio.create_task(self.applier.run(stop), name="router-feedback"))
+        else:
+            log.warning("router learning is off (FLYWHEEL_ROUTER_LEARN=false): ratings stay as loaded")
+        return tasks
 
     async def _follow_heartbeats(self, stop: asyncio.Event) -> None:
         consumer = AIOKafkaConsumer(self.services.catalog.heartbeats, **self.services.kafka.client_kwargs(),

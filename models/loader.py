@@ -83,15 +83,19 @@ CONVERTER_PACKAGES = ("transformers", "gguf", "torch")
 is not trusted (transformers 5.17 turned Gemma-3's GGUF into a model that answers garbage)."""
 
 
-def _fingerprint(gguf: Path) -> str:
-    """Identity of a converted copy: the GGUF file (size and first megabyte, not all of it) and
-    the versions of the packages that converted it."""
+def converter_versions() -> dict[str, str]:
     from importlib.metadata import version
 
+    return {name: version(name) for name in CONVERTER_PACKAGES}
+
+
+def _fingerprint(gguf: Path, versions: dict[str, str] | None = None) -> str:
+    """Identity of a converted copy: the GGUF file (size and first megabyte, not all of it) and
+    the versions of the packages that converted it (default: the installed ones)."""
     with gguf.open("rb") as fh:
         head = fh.read(1 << 20)
-    versions = ";".join(f"{name}={version(name)}" for name in CONVERTER_PACKAGES)
-    return hashlib.sha256(head + str(gguf.stat().st_size).encode() + versions.encode()).hexdigest()[:16]
+    stamp = ";".join(f"{k}={v}" for k, v in sorted((versions or converter_versions()).items()))
+    return hashlib.sha256(head + str(gguf.stat().st_size).encode() + stamp.encode()).hexdigest()[:16]
 
 
 def _load_from_gguf(spec: ModelSpec, dtype: str) -> tuple[Any, Any]:

@@ -34,6 +34,7 @@ from core.slo import deadline_ms
 from core.validation import RequestLimits, validate_request
 from infra.connect import Services
 from infra.telemetry import QUEUE_LENGTH, REQUEST_LATENCY, RESPONSES, RUNNING, SLO, TOKENS
+from models.prompting import prompt_ids as prompt_ids_for
 from streams.dlq import DeadLetters
 from streams.events import envelope, event_time_ms, prompt_text
 from streams.kafka import EventConsumer, EventProducer, Received, fetch_committed
@@ -146,18 +147,15 @@ class InferenceWorker:
 
     async def _serve_request(self, request: dict[str, Any]) -> ServeRequest:
         engine: Any = self.serving.engine
-        if request.get("messages"):
-            messages = [{"role": m["role"], "content": m["content"]} for m in request["messages"]]
-            try:
-                text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except Exception as exc:  # a template that rejects this conversation (e.g. role order)
-                raise ValidationError(f"the {self.config.model} chat template rejects these messages: {exc}") from exc
-            prompt_ids: tuple[int, ...] | None = tuple(engine.tokenizer.encode(text, add_special_tokens=False))
-        else:
-            prompt_ids = None
+        messages = request.get("messages") or [{"role": "user", "content": request["prompt"]}]
+        try:  # the model's own prompt format: its chat template, or plain completion text
+            prompt_ids, format_stops = prompt_ids_for(self.spec, engine.tokenizer, messages)
+        except Exception as exc:  # a template that rejects this conversation (e.g. role order)
+            raise ValidationError(f"the {self.config.model} prompt format rejects these messages: {exc}") from exc
         sampling = request["sampling"]
         params = SamplingParams(max_tokens=request["max_tokens"], temperature=sampling["temperature"],
-                                top_p=sampling["top_p"], seed=sampling["seed"], stop=tuple(sampling["stop"]))
+                                top_p=sampling["top_p"], seed=sampling["seed"],
+                                stop=tuple(sampling["stop"]) + format_stops)
         slo_s = max(0.0, (deadline_ms(request) - event_time_ms(request)) / 1000.0)
         adapter = await self._adapter_for(request["user_id"])
         return ServeRequest(request_id=request["request_id"], prompt=prompt_text(request), sampling=params,
