@@ -16,4 +16,5 @@ BENCHMARKS: dict[str, str] = {
     "personalization-live": "bench.personalization_live",
     "rlhf": "bench.rlhf",
     "comigs": "bench.comigs",
+    "reward-model": "bench.reward_model",
 }

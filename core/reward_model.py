@@ -24,7 +24,9 @@ could exploit); pointwise ones are *balanced* over the two classes (the mean of 
 good and on bad answers, and only once both classes were held out), so a model that calls every
 answer good scores ½ however many thumbs are up. The two parts are averaged weighted by their
 counts. The model may score responses only while at least ``min_heldout`` held-out examples
-count and the accuracy is at least ``min_accuracy`` (:meth:`RewardModel.usable`).
+count and the accuracy, less ``confidence_z`` standard errors (sqrt(a(1 − a)/n)), is at least
+``min_accuracy`` (:meth:`RewardModel.usable`): on a few dozen held-out examples the estimate moves
+by ±0.05–0.09, and a model no better than a coin must not pass on a lucky window.
 
 Features (:func:`response_features`): the response embedding, the elementwise product of prompt
 and response embeddings (scaled so its entries are as large as the embedding's), their cosine,
@@ -69,7 +71,10 @@ class RewardModelConfig:
     min_heldout: int = 30
     """Below this many held-out examples accuracy is unknown and the model is not used."""
     min_accuracy: float = 0.65
-    """The model scores responses only while its balanced held-out accuracy is at least this."""
+    """The model scores responses only while its held-out accuracy (less ``confidence_z`` standard
+    errors) is at least this."""
+    confidence_z: float = 1.0
+    """Standard errors taken off the measured accuracy before comparing it with ``min_accuracy``."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,8 +89,9 @@ class RewardModelConfig:
         if self.heldout_window < 1 or not 1 <= self.min_heldout <= self.heldout_window:
             raise ValueError(f"need 1 <= min_heldout ({self.min_heldout}) <= heldout_window "
                              f"({self.heldout_window})")
-        if not 0.0 <= self.min_accuracy <= 1.0:
-            raise ValueError(f"min_accuracy must be in [0, 1], got {self.min_accuracy}")
+        if not 0.0 <= self.min_accuracy <= 1.0 or self.confidence_z < 0:
+            raise ValueError(f"min_accuracy must be in [0, 1] and confidence_z >= 0, got {self.min_accuracy}, "
+                             f"{self.confidence_z}")
 
 
 # ------------------------------------------------------------------------------ labels
@@ -195,6 +201,12 @@ class Accuracy:
     heldout: int
     """Held-out examples it was measured on."""
 
+    def lower_bound(self, z: float) -> float | None:
+        """The accuracy less ``z`` standard errors (None while unknown)."""
+        if self.balanced is None:
+            return None
+        return self.balanced - z * math.sqrt(self.balanced * (1.0 - self.balanced) / max(1, self.heldout))
+
 
 class RewardModel:
     def __init__(self, config: RewardModelConfig) -> None:
@@ -278,8 +290,8 @@ class RewardModel:
 
     def usable(self) -> bool:
         """Whether the model may score responses (see the module docstring)."""
-        balanced = self.accuracy().balanced
-        return balanced is not None and balanced >= self.config.min_accuracy
+        lower = self.accuracy().lower_bound(self.config.confidence_z)
+        return lower is not None and lower >= self.config.min_accuracy
 
     # -- persistence -----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

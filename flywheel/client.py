@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind
 
@@ -228,10 +229,16 @@ class FlywheelClient:
         found = {rid: self._served[rid] for rid in request_ids if rid in self._served}
         missing = [rid for rid in request_ids if rid not in found]
         if missing:
-            rows = await self.services.pool.fetch(
-                "SELECT request_id, user_id, model, response->>'model_version' AS model_version, "
-                "response->>'adapter_version' AS adapter_version FROM final_responses "
-                "WHERE request_id = ANY($1::text[])", missing)
+            try:
+                rows = await self.services.pool.fetch(
+                    "SELECT request_id, user_id, model, response->>'model_version' AS model_version, "
+                    "response->>'adapter_version' AS adapter_version FROM final_responses "
+                    "WHERE request_id = ANY($1::text[])", missing)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                # Feedback is still published as given (the learners dead-letter what they cannot
+                # use): a ledger outage must not lose the user's feedback.
+                log.warning("ledger lookup for %s failed (%s); feedback goes out as given", missing, exc)
+                return found
             found |= {r["request_id"]: Served(r["user_id"], r["model"], r["model_version"], r["adapter_version"])
                       for r in rows}
         return found

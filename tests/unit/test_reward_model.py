@@ -204,3 +204,19 @@ def test_on_real_embeddings_it_learns_that_users_reject_garbage():
     accuracy = model.accuracy()
     assert accuracy.balanced is not None and accuracy.balanced >= 0.8, accuracy
     assert model.usable()
+
+
+def test_a_lucky_window_does_not_pass_the_gate():
+    """0.7 measured on 40 held-out examples is 0.7 - sqrt(0.21 / 40) = 0.63 at one standard error:
+    below a 0.65 threshold, although the point estimate is above it."""
+    def model(z: float) -> RewardModel:
+        m = RewardModel(RewardModelConfig(dim=1, min_heldout=10, heldout_window=100, confidence_z=z))
+        m.weights = np.array([1.0, 0.0])
+        m.heldout.extend(Example(f"e{i}", Label("pairwise", ("a", "b"), 1.0 if i < 28 else 0.0),
+                                 np.array([1.0], dtype=np.float32)) for i in range(40))  # 28 of 40 right
+        return m
+
+    strict, naive = model(1.0), model(0.0)
+    assert strict.accuracy().balanced == pytest.approx(0.7) and strict.accuracy().heldout == 40
+    assert strict.accuracy().lower_bound(1.0) == pytest.approx(0.7 - (0.21 / 40) ** 0.5)
+    assert naive.usable() and not strict.usable()
