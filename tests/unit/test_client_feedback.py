@@ -88,3 +88,10 @@ def test_memory_is_bounded_and_error_answers_are_not_remembered():
     c.remember_served(response("e", model="none", error="budget too small"))
     assert list(c._served) == ["b", "c"]
     assert c._served["c"] == Served("u", "smollm2-135m", "v2", "1:ab")
+
+
+async def test_a_pairwise_preference_between_unknown_answers_is_refused_before_publishing():
+    c = client(Ledger())
+    with pytest.raises(ValueError, match="models to compare are unknown"):
+        await c.feedback(user_id="u", request_id="a", kind="pairwise",
+                         pairwise={"request_id_a": "a", "request_id_b": "b", "winner": "a"})
