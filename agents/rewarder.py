@@ -6,7 +6,8 @@ scores the rollouts nobody rated.
     requests, responses, rollouts --> reward_texts (the join: prompt and response per request)
     learner task: examples + texts --(MiniLM features, core.reward_model)--> the reward model;
                   rollouts unrated for FLYWHEEL_REWARD_MODEL_TIMEOUT_S --> rewards (source "reward_model"),
-                  only while the model's held-out accuracy >= FLYWHEEL_REWARD_MODEL_MIN_ACCURACY
+                  of a model only while the reward model's held-out accuracy on that model's answers
+                  (less two standard errors) >= FLYWHEEL_REWARD_MODEL_MIN_ACCURACY
 
 Reward event ids are derived from the feedback's event id (or, for model rewards, the request id),
 so re-processing (at-least-once on Tansu, a replay, a restart) produces the same ids. The model is
@@ -128,7 +129,7 @@ class RewardLearner:
             return
         wanted = [*snapshot["model"]["train_buffer"], *snapshot["model"]["heldout"]]
         rows = await self.store.examples_by_id(wanted)
-        examples = {fid: Example(fid, row.label, row.features) for fid, row in rows.items()
+        examples = {fid: Example(fid, row.label, row.features, row.scope) for fid, row in rows.items()
                     if row.features is not None}
         self.model = RewardModel.restore(self.config, snapshot["model"], examples)
         self.skipped = int(snapshot["skipped"])
@@ -140,8 +141,8 @@ class RewardLearner:
         texts = await self.store.texts(list(row.label.request_ids))
         if all(rid in texts for rid in row.label.request_ids):
             phi = await self.features([(texts[r].prompt, texts[r].response) for r in row.label.request_ids])
-            example = Example.of(row.feedback_id, row.label, list(phi))
-            return await self.store.decide(row.feedback_id, example.features, None)
+            example = Example.of(row.feedback_id, row.label, list(phi), [texts[r].model for r in row.label.request_ids])
+            return await self.store.decide(row.feedback_id, example.features, None, example.scope)
         if row.age_s >= self.settings.reward_join_wait_s:
             missing = [r for r in row.label.request_ids if r not in texts]
             return await self.store.decide(row.feedback_id, None,
@@ -157,7 +158,7 @@ class RewardLearner:
             if row is None:
                 break  # the order is the contract: later examples wait for this one
             if row.status == "joined" and row.features is not None:
-                self.model.update(Example(row.feedback_id, row.label, row.features))
+                self.model.update(Example(row.feedback_id, row.label, row.features, row.scope))
                 REWARD_EXAMPLES.labels("joined").inc()
             else:
                 self.skipped += 1
@@ -171,9 +172,15 @@ class RewardLearner:
             self.snapshot_seq = self.last_seq
         return folded
 
+    def trusted_for(self) -> list[str]:
+        """The models whose rollouts the reward model may score now (its gate, per model)."""
+        return [m for m in self.model.scopes() if self.model.usable(m)]
+
     async def score_expired(self, producer: RewardSink) -> int:
-        """Score rollouts nobody rated within the timeout, if the model is trusted; returns how many."""
-        if not self.model.usable():
+        """Score rollouts nobody rated within the timeout, of the models it is trusted for; returns
+        how many."""
+        models = self.trusted_for()
+        if not models:
             return 0
 
         async def score(rollouts: list[UnscoredRollout]) -> None:
@@ -183,18 +190,25 @@ class RewardLearner:
                 await producer.send_and_wait(self.rewards_topic, event, key=rollout.request_id)
             REWARDS_PUBLISHED.labels("reward_model").inc(len(rollouts))
 
-        done = await self.store.score_pass(self.settings.reward_model_timeout_s,
+        done = await self.store.score_pass(models, self.settings.reward_model_timeout_s,
                                            self.settings.trainer_reward_timeout_s, score)
         self.scored += done
         return done
 
     async def publish_figures(self) -> None:
         accuracy = self.model.accuracy()
-        REWARD_MODEL_ACCURACY.set(math.nan if accuracy.balanced is None else accuracy.balanced)
-        REWARD_MODEL_USABLE.set(int(self.model.usable()))
+        per_model = {}
+        REWARD_MODEL_ACCURACY.labels("all").set(math.nan if accuracy.balanced is None else accuracy.balanced)
+        for model in self.model.scopes():
+            own = self.model.accuracy(model)
+            usable = self.model.usable(model)
+            per_model[model] = {"accuracy": own.balanced, "heldout": own.heldout, "usable": usable}
+            REWARD_MODEL_ACCURACY.labels(model).set(math.nan if own.balanced is None else own.balanced)
+            REWARD_MODEL_USABLE.labels(model).set(int(usable))
         await self.store.save_figures(accuracy=accuracy.balanced, heldout=accuracy.heldout,
-                                      examples=self.model.seen, skipped=self.skipped, usable=self.model.usable(),
-                                      threshold=self.config.min_accuracy, scored=self.scored)
+                                      examples=self.model.seen, skipped=self.skipped,
+                                      usable=any(v["usable"] for v in per_model.values()),
+                                      threshold=self.config.min_accuracy, scored=self.scored, per_model=per_model)
 
     async def run(self, services: Services) -> None:
         """Learn and score until cancelled."""

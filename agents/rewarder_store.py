@@ -20,6 +20,7 @@ from core.reward_model import Label
 class Texts:
     prompt: str
     response: str
+    model: str
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class ExampleRow:
     status: str
     features: np.ndarray | None
     age_s: float
+    scope: str
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ def _row(r: asyncpg.Record) -> ExampleRow:
     features = np.frombuffer(r["features"], dtype=np.float32).copy() if r["features"] is not None else None
     return ExampleRow(int(r["seq"]), r["feedback_id"],
                       Label(label["kind"], tuple(label["request_ids"]), float(label["target"]),
-                            float(label["weight"])), r["status"], features, float(r["age_s"]))
+                            float(label["weight"])), r["status"], features, float(r["age_s"]), r["scope"])
 
 
 class RewarderStore:
@@ -83,10 +85,10 @@ class RewarderStore:
 
     async def texts(self, request_ids: list[str]) -> dict[str, Texts]:
         rows = await self.pool.fetch(
-            "SELECT request_id, prompt, response FROM reward_texts WHERE deployment = $1 "
+            "SELECT request_id, prompt, response, model FROM reward_texts WHERE deployment = $1 "
             "AND request_id = ANY($2::text[]) AND prompt IS NOT NULL AND response IS NOT NULL",
             self.deployment, request_ids)
-        return {r["request_id"]: Texts(r["prompt"], r["response"]) for r in rows}
+        return {r["request_id"]: Texts(r["prompt"], r["response"], r["model"] or "") for r in rows}
 
     # --- feedback -------------------------------------------------------------------------------
     async def record_feedback(self, feedback: dict[str, Any], rewarded: list[str], label: Label | None) -> None:
@@ -107,26 +109,27 @@ class RewarderStore:
     # --- examples -------------------------------------------------------------------------------
     async def examples_after(self, seq: int, limit: int = 256) -> list[ExampleRow]:
         rows = await self.pool.fetch(
-            "SELECT seq, feedback_id, label, status, features, "
+            "SELECT seq, feedback_id, label, status, features, scope, "
             "extract(epoch FROM now() - created_at)::float8 AS age_s FROM reward_examples "
             "WHERE deployment = $1 AND seq > $2 ORDER BY seq LIMIT $3", self.deployment, seq, limit)
         return [_row(r) for r in rows]
 
     async def examples_by_id(self, feedback_ids: list[str]) -> dict[str, ExampleRow]:
         rows = await self.pool.fetch(
-            "SELECT seq, feedback_id, label, status, features, 0.0::float8 AS age_s FROM reward_examples "
+            "SELECT seq, feedback_id, label, status, features, scope, 0.0::float8 AS age_s FROM reward_examples "
             "WHERE deployment = $1 AND feedback_id = ANY($2::text[])", self.deployment, feedback_ids)
         return {r["feedback_id"]: _row(r) for r in rows}
 
-    async def decide(self, feedback_id: str, features: np.ndarray | None, reason: str | None) -> ExampleRow:
-        """Settle a waiting row (joined with ``features``, else unjoinable with ``reason``); the first
-        decision wins, and the row as decided is returned."""
+    async def decide(self, feedback_id: str, features: np.ndarray | None, reason: str | None,
+                     scope: str = "") -> ExampleRow:
+        """Settle a waiting row (joined with ``features`` and ``scope``, else unjoinable with
+        ``reason``); the first decision wins, and the row as decided is returned."""
         status = "joined" if features is not None else "unjoinable"
         data = features.astype(np.float32).tobytes() if features is not None else None
         await self.pool.execute(
-            "UPDATE reward_examples SET status = $3, features = $4, reason = $5 "
+            "UPDATE reward_examples SET status = $3, features = $4, reason = $5, scope = $6 "
             "WHERE deployment = $1 AND feedback_id = $2 AND status = 'waiting'",
-            self.deployment, feedback_id, status, data, reason)
+            self.deployment, feedback_id, status, data, reason, scope)
         return (await self.examples_by_id([feedback_id]))[feedback_id]
 
     async def prune_examples(self, kept_ids: list[str], last_seq: int) -> None:
@@ -154,20 +157,20 @@ class RewarderStore:
             "updated_at = now()", self.deployment, last_seq, snapshot)
 
     async def save_figures(self, *, accuracy: float | None, heldout: int, examples: int, skipped: int,
-                           usable: bool, threshold: float, scored: int) -> None:
+                           usable: bool, threshold: float, scored: int, per_model: dict[str, Any]) -> None:
         await self.pool.execute(
             "INSERT INTO reward_model_state (deployment, accuracy, heldout, examples, skipped, usable, threshold, "
-            "scored) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (deployment) DO UPDATE SET "
+            "scored, per_model) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (deployment) DO UPDATE SET "
             "accuracy = EXCLUDED.accuracy, heldout = EXCLUDED.heldout, examples = EXCLUDED.examples, "
             "skipped = EXCLUDED.skipped, usable = EXCLUDED.usable, threshold = EXCLUDED.threshold, "
-            "scored = EXCLUDED.scored, updated_at = now()",
-            self.deployment, accuracy, heldout, examples, skipped, usable, threshold, scored)
+            "scored = EXCLUDED.scored, per_model = EXCLUDED.per_model, updated_at = now()",
+            self.deployment, accuracy, heldout, examples, skipped, usable, threshold, scored, per_model)
 
     # --- rollouts nobody rated ------------------------------------------------------------------
-    async def score_pass(self, older_than_s: float, newer_than_s: float,
+    async def score_pass(self, models: list[str], older_than_s: float, newer_than_s: float,
                          score: Callable[[list[UnscoredRollout]], Awaitable[None]], limit: int = 64) -> int:
-        """Hand ``score`` the rollouts that waited ``older_than_s`` without feedback (but not longer
-        than ``newer_than_s``: by then the trainer has let them go) and mark them scored once it
+        """Hand ``score`` the rollouts of ``models`` that waited ``older_than_s`` without feedback (but
+        not longer than ``newer_than_s``: by then the trainer has let them go) and mark them scored once it
         returns; one process per deployment at a time (an advisory lock), so replicas do not score
         the same rollout twice. If ``score`` fails nothing is marked and the next pass retries
         (the reward's event id is derived from the request id). Returns how many were scored."""
@@ -179,8 +182,8 @@ class RewarderStore:
                 "SELECT request_id, user_id, tenant_id, prompt, response FROM reward_texts "
                 "WHERE deployment = $1 AND rollout_at IS NOT NULL AND NOT rated AND scored_at IS NULL "
                 "AND rollout_at <= now() - make_interval(secs => $2) "
-                "AND rollout_at > now() - make_interval(secs => $3) ORDER BY rollout_at LIMIT $4",
-                self.deployment, older_than_s, newer_than_s, limit)
+                "AND rollout_at > now() - make_interval(secs => $3) AND model = ANY($5::text[]) "
+                "ORDER BY rollout_at LIMIT $4", self.deployment, older_than_s, newer_than_s, limit, models)
             if not rows:
                 return 0
             rollouts = [UnscoredRollout(r["request_id"], r["user_id"], r["tenant_id"], r["prompt"], r["response"])

@@ -15,9 +15,13 @@ prompt x response product, cosine, text statistics), ``embedding`` (response emb
 come), ``thumbs``, ``pairwise``.
 
 Reported per variant and stream, mean and min/max over seeds: the live metric at the end of the
-stream (balanced accuracy on the rolling held-out window), the examples needed before the model
-would be used (accuracy >= the live threshold with >= the minimum held-out count; ``null`` if
-never), and on the test set: balanced thumbs accuracy over all answers, *within each model's
+stream (balanced accuracy on the rolling held-out window), overall and on each model's answers
+(the live gate is per model), the examples needed before the live gate would open for some model
+(``usable_after_examples``; ``null`` if never) and the share of the stream during which it was
+open for some model (``gate_open_share``, checked every 10 examples), beside when a single gate over all held-out
+examples would have opened (``unscoped_gate_after_examples``, what a gate that ignores which
+model wrote an answer would do), the seeds whose gate is open per model at the end, and on the
+test set: balanced thumbs accuracy over all answers, *within each model's
 answers* (can it tell a model's right answers from its wrong ones, which is what scoring one
 model's rollouts needs), and pairwise accuracy. A model that calls everything good scores 0.5 on
 every balanced figure. Quality figures depend only on the seed, not on time.
@@ -30,7 +34,7 @@ import csv
 import hashlib
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--questions", type=int, default=0, help="use the first N questions (0: all)")
     parser.add_argument("--quick", action="store_true", help="200 questions, 2 seeds (a smoke test)")
+    parser.add_argument("--confidence-z", type=float, default=None,
+                        help="standard errors the gate takes off (default: the live rewarder's)")
 
 
 @dataclass(frozen=True)
@@ -127,16 +133,17 @@ def select(features: np.ndarray, variant: str) -> np.ndarray:
     return features[..., -TEXT_FEATURES:]
 
 
-def stream(order: np.ndarray, correct: np.ndarray, x: np.ndarray, kind: str, seed: int) -> list[Example]:
+def stream(order: np.ndarray, correct: np.ndarray, x: np.ndarray, kind: str, seed: int,
+           models: list[str]) -> list[Example]:
     out: list[Example] = []
     for q in order:
         if kind in ("mixed", "thumbs"):
             for m in range(correct.shape[1]):
                 out.append(Example(f"s{seed}-q{q}-m{m}", Label("pointwise", (f"{q}/{m}",), float(correct[q, m])),
-                                   x[q, m]))
+                                   x[q, m], models[m]))
         if kind in ("mixed", "pairwise") and correct.shape[1] == 2 and correct[q, 0] != correct[q, 1]:
             out.append(Example.of(f"s{seed}-q{q}-pair", Label("pairwise", (f"{q}/0", f"{q}/1"),
-                                                              float(correct[q, 0])), [x[q, 0], x[q, 1]]))
+                                                              float(correct[q, 0])), [x[q, 0], x[q, 1]], models))
     return out
 
 
@@ -155,19 +162,32 @@ def test_figures(model: RewardModel, test: np.ndarray, correct: np.ndarray, x: n
     return {"thumbs": balanced(scores.ravel(), good.ravel()), "within_model": within, "pairwise": pairwise}
 
 
-def one_run(features: np.ndarray, correct: np.ndarray, variant: str, kind: str, seed: int) -> dict[str, Any]:
+def one_run(features: np.ndarray, answers: Answers, variant: str, kind: str, seed: int,
+            config: RewardModelConfig) -> dict[str, Any]:
+    correct = answers.correct
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(correct))
     cut = int(0.8 * len(order))
     x = select(features, variant)
-    model = RewardModel(RewardModelConfig(dim=x.shape[-1], seed=seed))
-    usable_after = None
-    for i, example in enumerate(stream(order[:cut], correct, x, kind, seed), start=1):
+    model = RewardModel(replace(config, dim=x.shape[-1], seed=seed))
+    usable_after: float | None = None
+    unscoped_after: float | None = None
+    checks = opened = 0
+    for i, example in enumerate(stream(order[:cut], correct, x, kind, seed, answers.models), start=1):
         model.update(example)
-        if usable_after is None and i % 10 == 0 and model.usable():
+        if i % 10:
+            continue
+        is_open = any(model.usable(m) for m in answers.models)
+        checks, opened = checks + 1, opened + int(is_open)
+        if usable_after is None and is_open:
             usable_after = i
+        if unscoped_after is None and model.usable():
+            unscoped_after = i
     return {"live_accuracy": model.accuracy().balanced, "heldout": model.accuracy().heldout,
-            "examples": model.seen, "usable_after": usable_after, "usable_at_end": model.usable(),
+            "live_per_model": {m: model.accuracy(m).balanced for m in answers.models},
+            "examples": model.seen, "usable_after": usable_after, "unscoped_after": unscoped_after,
+            "open_share": opened / checks if checks else 0.0,
+            "usable_at_end": {m: model.usable(m) for m in answers.models},
             "test": test_figures(model, order[cut:], correct, x)}
 
 
@@ -183,21 +203,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seeds = list(range(2 if args.quick else args.seeds))
     answers = load(args.data, 200 if args.quick else args.questions)
     features, embed_s = featurize(answers, get_settings().home.resolve() / "cache" / "reward-model")
+    config = RewardModelConfig(dim=1)
+    if args.confidence_z is not None:
+        config = replace(config, confidence_z=args.confidence_z)
     results: dict[str, Any] = {}
     for kind in STREAMS:
         for variant in VARIANTS:
-            runs = [one_run(features, answers.correct, variant, kind, s) for s in seeds]
+            runs = [one_run(features, answers, variant, kind, s, config) for s in seeds]
             results[f"{kind}/{variant}"] = {
                 "live_accuracy": spread([r["live_accuracy"] for r in runs]),
+                "live_accuracy_per_model": {m: spread([r["live_per_model"][m] for r in runs]) for m in answers.models},
                 "usable_after_examples": spread([r["usable_after"] for r in runs]),
-                "usable_at_end": sum(r["usable_at_end"] for r in runs),
+                "unscoped_gate_after_examples": spread([r["unscoped_after"] for r in runs]),
+                "gate_open_share": spread([r["open_share"] for r in runs]),
+                "usable_at_end": {m: sum(r["usable_at_end"][m] for r in runs) for m in answers.models},
                 "examples": runs[0]["examples"],
                 "test_thumbs": spread([r["test"]["thumbs"] for r in runs]),
                 "test_within_model": {answers.models[int(m)]: spread([r["test"]["within_model"][m] for r in runs])
                                       for m in runs[0]["test"]["within_model"]},
                 "test_pairwise": spread([r["test"]["pairwise"] for r in runs]),
             }
-    config = RewardModelConfig(dim=1)
     threshold = config.min_accuracy
     return {"data": str(args.data.name), "questions": len(answers.prompts), "models": answers.models,
             "correct_share": {m: round(float(answers.correct[:, i].mean()), 4) for i, m in enumerate(answers.models)},

@@ -28,6 +28,13 @@ count and the accuracy, less ``confidence_z`` standard errors (sqrt(a(1 − a)/n
 ``min_accuracy`` (:meth:`RewardModel.usable`): on a few dozen held-out examples the estimate moves
 by ±0.05–0.09, and a model no better than a coin must not pass on a lucky window.
 
+Per model. The responses the model scores are one model's rollouts, so what must be measured is
+whether it tells *that model's* good answers from its bad ones. Each example records the model
+all its responses came from (its ``scope``; "" for a comparison across models), and the gate for
+scoring model m's rollouts is the accuracy on held-out examples of scope m only. A preference
+between two different models teaches the scorer, but cannot open a gate: on real answers such
+preferences are mostly learnt from which model wrote them (``flywheel bench reward-model``).
+
 Features (:func:`response_features`): the response embedding, the elementwise product of prompt
 and response embeddings (scaled so its entries are as large as the embedding's), their cosine,
 and cheap text statistics (log length, empty answer, repeated words, share of non-alphanumeric
@@ -73,7 +80,7 @@ class RewardModelConfig:
     min_accuracy: float = 0.65
     """The model scores responses only while its held-out accuracy (less ``confidence_z`` standard
     errors) is at least this."""
-    confidence_z: float = 1.0
+    confidence_z: float = 2.0
     """Standard errors taken off the measured accuracy before comparing it with ``min_accuracy``."""
     seed: int = 0
 
@@ -179,14 +186,22 @@ class Example:
     label: Label
     features: np.ndarray
     """pointwise: φ(response); pairwise: φ(a) − φ(b)."""
+    scope: str = ""
+    """The model every response of the example came from ("" when several or unknown)."""
 
     @classmethod
-    def of(cls, example_id: str, label: Label, response_features: list[np.ndarray]) -> Example:
+    def of(cls, example_id: str, label: Label, response_features: list[np.ndarray],
+           models: list[str] | None = None) -> Example:
         if len(response_features) != len(label.request_ids):
             raise ValueError(f"{label.kind} label needs {len(label.request_ids)} feature vectors, "
                              f"got {len(response_features)}")
         x = response_features[0] - response_features[1] if label.kind == "pairwise" else response_features[0]
-        return cls(example_id, label, np.asarray(x, dtype=np.float32))
+        return cls(example_id, label, np.asarray(x, dtype=np.float32), scope_of(models or []))
+
+
+def scope_of(models: list[str]) -> str:
+    """The one model behind all of an example's responses, or "" (a cross-model comparison)."""
+    return models[0] if models and all(m == models[0] for m in models) else ""
 
 
 def is_heldout(example_id: str, share: float) -> bool:
@@ -266,10 +281,11 @@ class RewardModel:
             self.update(example)
 
     # -- trust -----------------------------------------------------------------------------------
-    def accuracy(self) -> Accuracy:
-        """Held-out accuracy with the current weights (see the module docstring)."""
+    def accuracy(self, scope: str | None = None) -> Accuracy:
+        """Held-out accuracy with the current weights (see the module docstring); with ``scope``,
+        on the held-out examples whose responses all came from that model only."""
         parts: list[tuple[float, int]] = []
-        counted = [e for e in self.heldout if e.label.target != 0.5]
+        counted = [e for e in self.heldout if e.label.target != 0.5 and scope in (None, e.scope)]
         pairs = [e for e in counted if e.label.kind == "pairwise"]
         if pairs:
             parts.append((sum(self._correct(e) for e in pairs) / len(pairs), len(pairs)))
@@ -288,10 +304,14 @@ class RewardModel:
         logit = self.logit(example)
         return logit > 0 if example.label.target > 0.5 else logit < 0
 
-    def usable(self) -> bool:
-        """Whether the model may score responses (see the module docstring)."""
-        lower = self.accuracy().lower_bound(self.config.confidence_z)
+    def usable(self, scope: str | None = None) -> bool:
+        """Whether the model may score responses (of the model ``scope``; see the module docstring)."""
+        lower = self.accuracy(scope).lower_bound(self.config.confidence_z)
         return lower is not None and lower >= self.config.min_accuracy
+
+    def scopes(self) -> list[str]:
+        """The models among the held-out examples (sorted)."""
+        return sorted({e.scope for e in self.heldout if e.scope})
 
     # -- persistence -----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

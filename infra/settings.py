@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     reward_model_min_accuracy: float = Field(
         default=0.65, ge=0, le=1,
         description="the reward model scores unrated rollouts only while its balanced held-out accuracy, "
-                    "less one standard error, is >= this")
+                    "less two standard errors, on the answers of the model whose rollouts it scores, is >= this")
     reward_model_min_heldout: int = Field(
         default=30, ge=1, description="held-out feedback examples before the reward model's accuracy counts")
     reward_model_timeout_s: float = Field(

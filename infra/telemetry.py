@@ -33,8 +33,10 @@ REWARDS_PUBLISHED = Counter("flywheel_rewards_total", "Reward events published",
 REWARD_EXAMPLES = Counter("flywheel_reward_model_examples_total", "Feedback examples folded into the reward model",
                           ["status"])
 REWARD_MODEL_ACCURACY = Gauge("flywheel_reward_model_accuracy",
-                              "Balanced held-out accuracy of the reward model (NaN: too few held out)")
-REWARD_MODEL_USABLE = Gauge("flywheel_reward_model_usable", "1 while the reward model may score rollouts")
+                              "Balanced held-out accuracy of the reward model, overall (all) and on each model's "
+                              "answers (NaN: too few held out)", ["model"])
+REWARD_MODEL_USABLE = Gauge("flywheel_reward_model_usable", "1 while the reward model may score a model's rollouts",
+                            ["model"])
 
 GATEWAY_REQUESTS = Counter("flywheel_gateway_requests_total", "Gateway HTTP requests by endpoint and status",
                            ["endpoint", "status"])

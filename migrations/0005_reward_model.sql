@@ -34,6 +34,7 @@ CREATE TABLE reward_examples (
     label       jsonb       NOT NULL,          -- core.reward_model.Label
     status      text        NOT NULL DEFAULT 'waiting' CHECK (status IN ('waiting', 'joined', 'unjoinable')),
     features    bytea,                         -- float32 features of the example (joined rows)
+    scope       text        NOT NULL DEFAULT '', -- the model behind all its responses ('' across models)
     reason      text,                          -- why a row is unjoinable
     created_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (deployment, feedback_id)
@@ -51,7 +52,8 @@ CREATE TABLE reward_model_state (
     examples   bigint  NOT NULL DEFAULT 0,     -- examples folded (trained + held out)
     skipped    bigint  NOT NULL DEFAULT 0,     -- unjoinable rows
     scored     bigint  NOT NULL DEFAULT 0,     -- rollouts the model scored
-    usable     boolean NOT NULL DEFAULT false, -- accuracy >= the threshold: the model scores rollouts
+    usable     boolean NOT NULL DEFAULT false, -- it scores some model's rollouts (see per_model)
+    per_model  jsonb   NOT NULL DEFAULT '{}',  -- model -> {accuracy, heldout, usable}: the gate per model
     threshold  double precision,
     updated_at timestamptz NOT NULL DEFAULT now()
 );

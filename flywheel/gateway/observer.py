@@ -164,13 +164,14 @@ class Observer:
     async def reward_model(self) -> dict[str, Any] | None:
         """The rewarder's reward model figures (``reward_model_state``), None before it ran."""
         row = await self.services.pool.fetchrow(
-            "SELECT accuracy, heldout, examples, skipped, scored, usable, threshold, updated_at "
+            "SELECT accuracy, heldout, examples, skipped, scored, usable, threshold, per_model, updated_at "
             "FROM reward_model_state WHERE deployment = $1", self.services.settings.topic_prefix)
         if row is None:
             return None
         return {"accuracy": row["accuracy"], "heldout": row["heldout"], "examples": row["examples"],
                 "skipped": row["skipped"], "scored": row["scored"], "usable": row["usable"],
-                "threshold": row["threshold"], "updated_at": row["updated_at"].timestamp()}
+                "threshold": row["threshold"], "per_model": row["per_model"],
+                "updated_at": row["updated_at"].timestamp()}
 
     async def lag(self) -> dict[str, int]:
         """Records not yet processed, per consuming stage (router and each model's workers)."""

@@ -220,3 +220,22 @@ def test_a_lucky_window_does_not_pass_the_gate():
     assert strict.accuracy().balanced == pytest.approx(0.7) and strict.accuracy().heldout == 40
     assert strict.accuracy().lower_bound(1.0) == pytest.approx(0.7 - (0.21 / 40) ** 0.5)
     assert naive.usable() and not strict.usable()
+
+
+def test_preferences_between_models_cannot_open_a_models_gate():
+    """Users prefer model a's style: the scorer learns it, but that says nothing about telling a's
+    good answers from its bad ones, so no per-model gate opens; a's own thumbs do open a's."""
+    rng = np.random.default_rng(4)
+    style = np.zeros(DIM)
+    style[0] = 3.0
+    cross = []
+    for i in range(400):
+        a, b = rng.normal(size=DIM) + style, rng.normal(size=DIM)
+        cross.append(Example.of(f"x{i}", Label("pairwise", ("a", "b"), 1.0), [a, b], ["model-a", "model-b"]))
+    model = RewardModel(RewardModelConfig(dim=DIM))
+    model.fit(cross)
+    assert model.usable() and all(e.scope == "" for e in cross)  # all held out together: it looks trusted
+    assert model.scopes() == [] and not model.usable("model-a") and model.accuracy("model-a").balanced is None
+    own = [Example(e.example_id, e.label, e.features, "model-a") for e in scripted_stream(400, kind="pointwise")]
+    model.fit(own)
+    assert model.scopes() == ["model-a"] and model.usable("model-a") and not model.usable("model-b")
