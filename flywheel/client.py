@@ -269,16 +269,15 @@ class FlywheelClient:
         return out
 
     async def feedback(self, **feedback_fields: Any) -> dict[str, Any]:
-        """Publish Feedback (``streams.events.feedback`` fields, plus optional ``model_version`` and
-        ``adapter_version``), completed by :meth:`complete_feedback`; it joins the request's trace."""
+        """Publish Feedback (``streams.events.feedback`` fields), completed by
+        :meth:`complete_feedback`; it joins the request's trace."""
         fields = await self.complete_feedback(feedback_fields)
         pair = fields.get("pairwise") or {}
         unknown = [pair.get(f"request_id_{side}") for side in ("a", "b") if pair and not pair.get(f"model_{side}")]
         if unknown:
             raise ValueError(f"pairwise feedback: no response to {unknown} was delivered, so the models to "
                              "compare are unknown (name them as model_a / model_b, or retry once answered)")
-        versions = {k: fields.pop(k, None) for k in ("model_version", "adapter_version")}
-        record = events.feedback(**fields) | versions
+        record = events.feedback(**fields)
         parent = self._traces.get(record["request_id"])
         ctx = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent else None
         with tracer().start_as_current_span("flywheel.feedback", context=ctx, kind=SpanKind.PRODUCER,
