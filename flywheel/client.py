@@ -11,6 +11,14 @@ The client reads the response and chunk topics from their end (no consumer group
 sees every partition) and hands each record to the waiter with the same request id. It only
 hands a response to the user who sent the request: a record whose user id differs is ignored.
 Each request starts a trace; the request's feedback continues the same trace.
+
+Feedback names only a request id (bare, or ``chatcmpl-<id>`` as the OpenAI API shows it); the
+client fills in what the learners need from what was served: the model (and for a pairwise
+preference each side's model), the model version and the adapter version. It remembers what it
+delivered; older responses are looked up in the workers' ledger (``final_responses``). The
+gateway's ``/v1/feedback`` goes through the same method, so feedback from HTTP and from Python
+carry the same fields. Feedback about a response nobody knows is still published as given: the
+learners that cannot use it dead-letter it with the reason.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind
 
@@ -34,6 +43,27 @@ from streams.kafka import EventConsumer, EventProducer
 from streams.tracing import tracer
 
 log = logging.getLogger(__name__)
+OPENAI_ID_PREFIX = "chatcmpl-"
+
+
+def bare_request_id(request_id: str) -> str:
+    """The request id behind an OpenAI completion id (``chatcmpl-<id>``); other ids unchanged."""
+    return request_id[len(OPENAI_ID_PREFIX):] if request_id.startswith(OPENAI_ID_PREFIX) else request_id
+
+
+@dataclass(frozen=True)
+class Served:
+    """What answered a request: the facts feedback about it needs."""
+
+    user_id: str
+    model: str
+    model_version: str | None
+    adapter_version: str | None
+
+    @classmethod
+    def of(cls, response: dict[str, Any]) -> Served:
+        return cls(str(response["user_id"]), str(response["model"]), response.get("model_version"),
+                   response.get("adapter_version"))
 
 
 class ResponseTimeout(RetriableError):
@@ -49,7 +79,8 @@ class _Pending:
 
 
 class FlywheelClient:
-    def __init__(self, services: Services, owns_services: bool = False, trace_memory: int = 10_000) -> None:
+    def __init__(self, services: Services, owns_services: bool = False, trace_memory: int = 10_000,
+                 served_memory: int = 100_000) -> None:
         self.services = services
         self._owns = owns_services
         self.producer = EventProducer(services.kafka, services.serde, services.capabilities)
@@ -59,6 +90,8 @@ class FlywheelClient:
         self._pending: dict[str, _Pending] = {}
         self._traces: OrderedDict[str, SpanContext] = OrderedDict()
         self._trace_memory = trace_memory
+        self._served: OrderedDict[str, Served] = OrderedDict()
+        self._served_memory = served_memory
         self._reader: asyncio.Task[None] | None = None
 
     @classmethod
@@ -102,6 +135,7 @@ class FlywheelClient:
                     continue
                 if item.record.topic == responses:
                     if not pending.final.done():
+                        self.remember_served(item.event)
                         pending.final.set_result(item.event)
                 elif pending.chunks is not None and item.event["index"] not in pending.seen_chunks:
                     pending.seen_chunks.add(item.event["index"])
@@ -181,9 +215,69 @@ class FlywheelClient:
     def trace_of(self, request_id: str) -> SpanContext | None:
         return self._traces.get(request_id)
 
+    def remember_served(self, response: dict[str, Any]) -> None:
+        """Keep what answered a request (bounded; the ledger answers for older ones)."""
+        if response.get("error") or not response.get("model"):
+            return  # an error answer was not produced by a model: nothing to rate
+        self._served[response["request_id"]] = Served.of(response)
+        self._served.move_to_end(response["request_id"])
+        while len(self._served) > self._served_memory:
+            self._served.popitem(last=False)
+
+    async def served(self, request_ids: list[str]) -> dict[str, Served]:
+        """What answered each request, from memory or else the workers' ledger (unknown ids absent)."""
+        found = {rid: self._served[rid] for rid in request_ids if rid in self._served}
+        missing = [rid for rid in request_ids if rid not in found]
+        if missing:
+            try:
+                rows = await self.services.pool.fetch(
+                    "SELECT request_id, user_id, model, response->>'model_version' AS model_version, "
+                    "response->>'adapter_version' AS adapter_version FROM final_responses "
+                    "WHERE request_id = ANY($1::text[])", missing)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                # Feedback is still published as given (the learners dead-letter what they cannot
+                # use): a ledger outage must not lose the user's feedback.
+                log.warning("ledger lookup for %s failed (%s); feedback goes out as given", missing, exc)
+                return found
+            found |= {r["request_id"]: Served(r["user_id"], r["model"], r["model_version"], r["adapter_version"])
+                      for r in rows}
+        return found
+
+    async def complete_feedback(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` with bare request ids and what was served filled in (served facts win over
+        what the caller claims; a field nobody knows is left as given)."""
+        out = dict(fields)
+        out["request_id"] = bare_request_id(str(out["request_id"]))
+        pair = dict(out["pairwise"]) if out.get("pairwise") else None
+        ids = [out["request_id"]]
+        if pair is not None:
+            for side in ("a", "b"):
+                if f"request_id_{side}" in pair:
+                    pair[f"request_id_{side}"] = bare_request_id(str(pair[f"request_id_{side}"]))
+                    ids.append(pair[f"request_id_{side}"])
+        served = await self.served(ids)
+        about = served.get(out["request_id"])
+        if about is not None:
+            out |= {"model": about.model, "model_version": about.model_version,
+                    "adapter_version": about.adapter_version}
+        if pair is not None:
+            for side in ("a", "b"):
+                side_served = served.get(str(pair.get(f"request_id_{side}")))
+                if side_served is not None:
+                    pair[f"model_{side}"] = side_served.model
+            out["pairwise"] = pair
+        return out
+
     async def feedback(self, **feedback_fields: Any) -> dict[str, Any]:
-        """Publish Feedback (``streams.events.feedback`` fields); it joins the request's trace."""
-        record = events.feedback(**feedback_fields)
+        """Publish Feedback (``streams.events.feedback`` fields), completed by
+        :meth:`complete_feedback`; it joins the request's trace."""
+        fields = await self.complete_feedback(feedback_fields)
+        pair = fields.get("pairwise") or {}
+        unknown = [pair.get(f"request_id_{side}") for side in ("a", "b") if pair and not pair.get(f"model_{side}")]
+        if unknown:
+            raise ValueError(f"pairwise feedback: no response to {unknown} was delivered, so the models to "
+                             "compare are unknown (name them as model_a / model_b, or retry once answered)")
+        record = events.feedback(**fields)
         parent = self._traces.get(record["request_id"])
         ctx = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent else None
         with tracer().start_as_current_span("flywheel.feedback", context=ctx, kind=SpanKind.PRODUCER,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import FatalError
+from infra.ports import require_free
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class EmbeddedPostgres:
         """Initialise (once) and start the server; create the database. Returns its URL."""
         if self._pid() is not None:
             return self.url
+        require_free(self.port, f"the embedded PostgreSQL ({self.data_dir})", "FLYWHEEL_POSTGRES_PORT",
+                     ", or use that server with FLYWHEEL_DATABASE_URL=postgresql://...")
         bins = _bin_dir()
         user = _ensure_service_user()
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)

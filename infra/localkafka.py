@@ -33,6 +33,7 @@ from string import Template
 from typing import Literal
 
 from core.errors import FatalError
+from infra.ports import require_free
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +208,19 @@ class LocalKafka:
             raise FatalError(f"a {state.kind} broker is already running; stop it before starting {kind}")
         if kind == "auto":
             kind = "apache" if java_available() else "tansu"
+        self._check_ports(kind)
         if kind == "apache":
             return self._start_apache(timeout_s)
         return self._start_tansu(timeout_s)
+
+    def _check_ports(self, kind: BrokerKind) -> None:
+        """Fail with the port and the setting that moves it when another process holds a port."""
+        external = ", or use that cluster with FLYWHEEL_KAFKA_BOOTSTRAP=127.0.0.1:{port}"
+        require_free(self.port, f"the local Kafka broker ({self.root})", "FLYWHEEL_KAFKA_PORT",
+                     external.format(port=self.port))
+        if kind == "apache":
+            require_free(self.controller_port, "the local Kafka broker's KRaft controller",
+                         "FLYWHEEL_KAFKA_CONTROLLER_PORT")
 
     def _render_properties(self) -> Path:
         listeners = [f"PLAINTEXT://127.0.0.1:{self.port}", f"CONTROLLER://127.0.0.1:{self.controller_port}"]

@@ -92,6 +92,20 @@ class Settings(BaseSettings):
     personalizer_agree_octaves: float = Field(
         default=3.0, ge=0, description="ASLS: how much agreement with the adapter postpones updates (0: none)")
 
+    # --- Rewards
+    reward_model_min_accuracy: float = Field(
+        default=0.65, ge=0, le=1,
+        description="the reward model scores unrated rollouts only while its balanced held-out accuracy, "
+                    "less two standard errors, on the answers of the model whose rollouts it scores, is >= this")
+    reward_model_min_heldout: int = Field(
+        default=30, ge=1, description="held-out feedback examples before the reward model's accuracy counts")
+    reward_model_timeout_s: float = Field(
+        default=120.0, ge=0,
+        description="a rollout without feedback for this long is scored by the reward model "
+                    "(keep below FLYWHEEL_TRAINER_REWARD_TIMEOUT_S, when the trainer lets it go)")
+    reward_join_wait_s: float = Field(
+        default=10.0, ge=0, description="how long a feedback example waits for the texts it is about")
+
     @property
     def artifacts_dir(self) -> Path:
         return self.home / "artifacts"

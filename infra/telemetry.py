@@ -29,5 +29,15 @@ ADAPTER_UPDATE_SECONDS = Histogram("flywheel_adapter_update_seconds", "Time to t
 TRAINER_STEPS = Counter("flywheel_trainer_steps_total", "PPO steps completed")
 TRAINER_REWARD = Gauge("flywheel_trainer_mean_reward", "Mean reward of the last PPO batch")
 
-GATEWAY_REQUESTS = Counter("flywheel_gateway_requests_total", "Gateway requests", ["endpoint", "status"])
+REWARDS_PUBLISHED = Counter("flywheel_rewards_total", "Reward events published", ["source"])
+REWARD_EXAMPLES = Counter("flywheel_reward_model_examples_total", "Feedback examples folded into the reward model",
+                          ["status"])
+REWARD_MODEL_ACCURACY = Gauge("flywheel_reward_model_accuracy",
+                              "Balanced held-out accuracy of the reward model, overall (all) and on each model's "
+                              "answers (NaN: too few held out)", ["model"])
+REWARD_MODEL_USABLE = Gauge("flywheel_reward_model_usable", "1 while the reward model may score a model's rollouts",
+                            ["model"])
+
+GATEWAY_REQUESTS = Counter("flywheel_gateway_requests_total", "Gateway HTTP requests by endpoint and status",
+                           ["endpoint", "status"])
 GATEWAY_INFLIGHT = Gauge("flywheel_gateway_inflight", "Requests the gateway is waiting on")

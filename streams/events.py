@@ -68,6 +68,7 @@ def feedback(
     *, user_id: str, request_id: str, kind: str, tenant_id: str = "default", model: str | None = None,
     prompt: str | None = None, rating: float | None = None, thumbs_up: bool | None = None,
     pairwise: dict[str, Any] | None = None, implicit: dict[str, Any] | None = None,
+    model_version: str | None = None, adapter_version: str | None = None,
 ) -> dict[str, Any]:
     return {
         **envelope(request_id, tenant_id, user_id),
@@ -79,6 +80,8 @@ def feedback(
         "thumbs_up": thumbs_up,
         "pairwise": pairwise,
         "implicit": implicit,
+        "model_version": model_version,
+        "adapter_version": adapter_version,
     }
 
 

@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "personalization-live": "bench.personalization_live",
     "rlhf": "bench.rlhf",
     "comigs": "bench.comigs",
+    "reward-model": "bench.reward_model",
     "tasks": "bench.task_accuracy",
     "loop": "bench.loop",
 }

@@ -1,8 +1,11 @@
-"""``flywheel up``: run the whole system on one machine until Ctrl-C.
+"""``flywheel up``: run the whole system on one machine until Ctrl-C (SIGINT) or SIGTERM.
 
-Starts the local Kafka and embedded Postgres unless external ones are configured, applies the
-migrations, creates the topics, and supervises the router, personaliser, rewarder, one worker per
-replica the HELR deployer places on the devices at hand, the trainer and the gateway.
+Starts the local Kafka and embedded Postgres unless external ones are configured (or already
+running), applies the migrations, creates the topics, and supervises the router, personaliser,
+rewarder, one worker per replica the HELR deployer places on the devices at hand, the trainer and
+the gateway. On Ctrl-C it stops every process it started: the children first, then the broker and
+Postgres if this command started them (ones that were already running are left running). A
+signal that arrives while the services are still starting is honoured once they are up.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import asyncio
 import logging
 import signal
 
+from core.errors import FatalError
 from flywheel.deployment import WorkerPlan, plan_workers
 from flywheel.supervisor import ChildSpec, Supervisor
 from infra.connect import connect
+from infra.ports import require_free
 from infra.runtime import run_async, setup_logging
-from infra.services import ensure_local_services
+from infra.services import LocalService, ensure_local_services, stop_services
 from infra.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -42,33 +47,47 @@ def children(settings: Settings, plans: list[WorkerPlan], trainer: bool = True, 
     return specs
 
 
-async def prepare(settings: Settings) -> None:
-    """Local services up, migrations applied, topics created (idempotent)."""
-    await asyncio.to_thread(ensure_local_services, settings)
+async def prepare(settings: Settings, started: list[LocalService] | None = None) -> None:
+    """Local services up (each one this call starts is appended to ``started``), migrations
+    applied, topics created (idempotent)."""
+    await asyncio.to_thread(ensure_local_services, settings, started)
     services = await connect(settings, "flywheel-up", run_migrations=True, create_topics=True)
     await services.close()
 
 
 async def _run(args: argparse.Namespace) -> int:
     settings = get_settings()
-    await prepare(settings)
-    plans = plan_workers()
-    for plan in plans:
-        log.info("worker for %s on %s", plan.model, ", ".join(plan.devices))
-    supervisor = Supervisor(children(settings, plans, not args.no_trainer, not args.no_gateway),
-                            settings.home.resolve() / "logs")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if not args.no_gateway:
-        log.info("gateway: http://%s:%d/v1  dashboard: http://%s:%d/dashboard", settings.gateway_host,
-                 settings.gateway_port, settings.gateway_host, settings.gateway_port)
-    await supervisor.run(stop)
-    log.info("all processes stopped")
-    return 0
+    started: list[LocalService] = []
+    try:
+        if not args.no_gateway:  # before anything starts: nothing to clean up if it is taken
+            require_free(settings.gateway_port, "the gateway", "FLYWHEEL_GATEWAY_PORT")
+        await prepare(settings, started)
+        if stop.is_set():
+            log.info("stop requested while starting; stopping")
+            return 0
+        plans = plan_workers()
+        for plan in plans:
+            log.info("worker for %s on %s", plan.model, ", ".join(plan.devices))
+        supervisor = Supervisor(children(settings, plans, not args.no_trainer, not args.no_gateway),
+                                settings.home.resolve() / "logs")
+        if not args.no_gateway:
+            log.info("gateway: http://%s:%d/v1  dashboard: http://%s:%d/dashboard", settings.gateway_host,
+                     settings.gateway_port, settings.gateway_host, settings.gateway_port)
+        await supervisor.run(stop)
+        log.info("all processes stopped")
+        return 0
+    finally:
+        await asyncio.to_thread(stop_services, started)
 
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(get_settings().log_level)
-    return run_async(_run(args))
+    try:
+        return run_async(_run(args))
+    except FatalError as exc:  # a taken port, a missing JDK...: the message says what to do
+        log.error("flywheel up: %s", exc)
+        return 1

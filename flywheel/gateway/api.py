@@ -60,14 +60,23 @@ class ChatCompletionRequest(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
+    """Feedback about the caller's own responses. Ids are bare request ids or the ``chatcmpl-<id>``
+    the OpenAI API returned. The model, model version and adapter version are filled in by the
+    gateway from what it served (a pairwise preference needs only ``request_id_a``,
+    ``request_id_b`` and ``winner``; ``request_id`` defaults to ``request_id_a`` for it)."""
+
+
     model_config = ConfigDict(extra="forbid")
 
-    request_id: str = Field(min_length=1, max_length=128)
+    request_id: str | None = Field(default=None, min_length=1, max_length=140)
     kind: Literal["rating", "thumbs", "pairwise", "implicit"]
     rating: float | None = Field(default=None, ge=0.0, le=1.0)
     thumbs_up: bool | None = None
     pairwise: dict[str, Any] | None = None
     implicit: dict[str, Any] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    """Who gives the feedback when the gateway runs without API keys (as in chat completions);
+    with keys the bearer key names the user and this field cannot override it."""
 
 
 def openai_error(message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -3,12 +3,16 @@
     POST /v1/chat/completions   publish an InferenceRequest; answer with the final response, or
                                 stream chunks over SSE (``stream: true``), OpenAI's wire format
     GET  /v1/models             the catalogue's models (and ``auto``: let the router choose)
-    POST /v1/feedback           publish Feedback about one of the caller's own responses
+    POST /v1/feedback           publish Feedback about one of the caller's own responses (by its
+                                bare id or the ``chatcmpl-<id>`` above); the gateway fills in the
+                                model, model version and adapter version that answered it
     GET  /dashboard             live charts;  GET /api/stats  the numbers behind them
     GET  /healthz               liveness
 
 Who is calling: with ``FLYWHEEL_GATEWAY_API_KEYS`` set, the bearer key names the user (the body's
 ``user`` field cannot override it) and a user can only give feedback on their own requests.
+Without keys the body's ``user`` field (or an ``X-Flywheel-User`` header) names the user, else
+``anonymous``; feedback must name the same user as the request it is about.
 Admission: 429 with ``Retry-After`` when the gateway holds too many requests in flight or the
 router and workers have too many unprocessed records (consumer lag); Kafka holds the rest.
 """
@@ -31,16 +35,19 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.catalog import CATALOG
-from flywheel.client import FlywheelClient, ResponseTimeout
+from flywheel.client import FlywheelClient, ResponseTimeout, bare_request_id
 from flywheel.gateway.api import ChatCompletionRequest, FeedbackRequest, openai_error
 from flywheel.gateway.observer import Observer
 from flywheel.gateway.stats import ServiceStats
 from infra.connect import Services, connect
 from infra.settings import Settings
+from infra.telemetry import GATEWAY_INFLIGHT, GATEWAY_REQUESTS
 from streams import events
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
+ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/models", "/v1/feedback", "/api/stats", "/dashboard", "/healthz"})
+PAIRWISE_FIELDS = ("request_id_a", "request_id_b", "winner")
 
 
 class GatewayError(Exception):
@@ -67,7 +74,7 @@ class Gateway:
         self.services: Services | None = None
         self.client: FlywheelClient | None = None
         self.observer: Observer | None = None
-        self.inflight = 0
+        self._inflight = 0
         self.owners: OrderedDict[str, str] = OrderedDict()  # request id -> user id (bounded)
 
     async def start(self) -> None:
@@ -84,6 +91,16 @@ class Gateway:
             await self.client.close()
         if self.services is not None:
             await self.services.close()
+
+    @property
+    def inflight(self) -> int:
+        """Requests the gateway is waiting on (mirrored in the ``flywheel_gateway_inflight`` gauge)."""
+        return self._inflight
+
+    @inflight.setter
+    def inflight(self, value: int) -> None:
+        self._inflight = value
+        GATEWAY_INFLIGHT.set(value)
 
     # -- identity and admission ----------------------------------------------------------------
     def user_of(self, request: Request, claimed: str | None) -> str:
@@ -190,6 +207,17 @@ def create_app(settings: Settings) -> FastAPI:
                                 status_code=413)
         return await call_next(request)
 
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Any) -> Any:
+        endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
+        try:
+            response = await call_next(request)
+        except Exception:
+            GATEWAY_REQUESTS.labels(endpoint, "500").inc()
+            raise
+        GATEWAY_REQUESTS.labels(endpoint, str(response.status_code)).inc()
+        return response
+
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse(openai_error(exc.message, exc.kind, exc.param), status_code=exc.status,
@@ -265,15 +293,23 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v1/feedback")
     async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
-        user = gateway.user_of(request, None if gateway.keys else request.headers.get("x-flywheel-user"))
-        owned = [body.request_id]
+        user = gateway.user_of(request, body.user or request.headers.get("x-flywheel-user"))
+        pair: dict[str, Any] | None = None
         if body.kind == "pairwise":
-            pair = body.pairwise or {}
-            missing = {"request_id_a", "model_a", "request_id_b", "model_b", "winner"} - set(pair)
-            if missing or pair.get("winner") not in ("a", "b", "tie"):
-                raise GatewayError(400, f"pairwise needs request_id_a, model_a, request_id_b, model_b and "
-                                        f"winner in a|b|tie (missing {sorted(missing)})", param="pairwise")
+            pair = dict(body.pairwise or {})
+            missing = [f for f in PAIRWISE_FIELDS if not pair.get(f)]
+            if missing or pair["winner"] not in ("a", "b", "tie"):
+                raise GatewayError(400, f"pairwise needs request_id_a, request_id_b and winner in a|b|tie "
+                                        f"(missing {missing})", param="pairwise")
+            pair["request_id_a"], pair["request_id_b"] = (bare_request_id(str(pair["request_id_a"])),
+                                                          bare_request_id(str(pair["request_id_b"])))
             owned = [pair["request_id_a"], pair["request_id_b"]]
+            if body.request_id is not None and bare_request_id(body.request_id) not in owned:
+                owned.append(bare_request_id(body.request_id))
+        elif body.request_id is None:
+            raise GatewayError(400, f"{body.kind} feedback needs request_id", param="request_id")
+        else:
+            owned = [bare_request_id(body.request_id)]
         for rid in owned:
             owner = await gateway.owner_of(rid)
             if owner is None:
@@ -282,13 +318,22 @@ def create_app(settings: Settings) -> FastAPI:
                 raise GatewayError(403, f"request {rid} belongs to another user", "permission_error",
                                    param="request_id")
         assert gateway.client is not None
+        fields = await gateway.client.complete_feedback(dict(
+            user_id=user, request_id=body.request_id or owned[0], kind=body.kind, rating=body.rating,
+            thumbs_up=body.thumbs_up, pairwise=pair, implicit=body.implicit))
+        if pair is not None:
+            unknown = [fields["pairwise"][f"request_id_{s}"] for s in ("a", "b")
+                       if not fields["pairwise"].get(f"model_{s}")]
+            if unknown:
+                raise GatewayError(409, f"no response to {unknown} has been delivered yet, so the models to "
+                                        "compare are unknown; retry once both answers arrived", param="pairwise")
         try:
-            record = await gateway.client.feedback(
-                user_id=user, request_id=body.request_id, kind=body.kind, rating=body.rating,
-                thumbs_up=body.thumbs_up, pairwise=body.pairwise, implicit=body.implicit)
+            record = await gateway.client.feedback(**fields)
         except (ValueError, TypeError) as exc:  # e.g. a signal the contract does not know
             raise GatewayError(400, f"invalid feedback: {exc}") from exc
-        return {"accepted": True, "feedback_id": record["event_id"]}
+        return {"accepted": True, "feedback_id": record["event_id"], "request_id": record["request_id"],
+                "model": record["model"], "model_version": record["model_version"],
+                "adapter_version": record["adapter_version"]}
 
     @app.get("/api/stats")
     async def stats() -> dict[str, Any]:

@@ -1,8 +1,17 @@
 """The gateway's view of the running system: a read-only consumer of the service's topics that
-feeds :class:`ServiceStats`, and a consumer-lag monitor used for admission control.
+feeds :class:`ServiceStats`, a consumer-lag monitor used for admission control, and a poll of
+how far each learner got through its input.
 
-Responses and decisions are read from the end (live traffic); adapters, models and heartbeats
-are compacted state topics and are read from the beginning, so versions are known at once.
+Responses, decisions, feedback and rewards are read from the end (live traffic); adapters,
+models and heartbeats are compacted state topics and the dead-letter topics are short, so those
+are read from the beginning: versions are known at once and dead letters are counted over the
+topics' retention (30 days).
+
+Learner progress (:meth:`Observer.progress`), per learner: ``read`` = how far into its input topic
+it is (the router's journalled feedback offset; the personaliser's, rewarder's and trainer's
+committed consumer-group offsets), ``dead_letters`` = records of that topic it dead-lettered,
+``applied`` = read - dead_letters, ``waiting`` = the topic's end - read. The trainer's input is
+the rewards topic, whose offsets it commits once a reward was trained on (or dropped as stale).
 """
 
 from __future__ import annotations
@@ -21,8 +30,12 @@ from flywheel.gateway.stats import ServiceStats
 from infra.connect import Services
 from streams.events import event_time_ms
 from streams.kafka import EventConsumer, partitions_of
+from streams.topics import STAGES
 
 log = logging.getLogger(__name__)
+ROUTER_JOURNAL = "eagle"
+"""The router's journal name in ``router_state`` (``agents.router.ROUTER_NAME``; a test keeps them equal)."""
+FEEDBACK_LEARNERS = ("router", "personalizer", "rewarder")
 
 
 def router_group(services: Services) -> str:
@@ -38,17 +51,22 @@ class Observer:
         self.services = services
         self.stats = stats
         catalog = services.catalog
-        live_topics = [catalog.responses, catalog.feedback, *(catalog.decisions(m) for m in catalog.models)]
+        live_topics = [catalog.responses, catalog.feedback, catalog.rewards,
+                       *(catalog.decisions(m) for m in catalog.models)]
         self.live = EventConsumer(services.kafka, services.serde, live_topics, group_id=None,
                                   auto_offset_reset="latest")
         self.state = EventConsumer(services.kafka, services.serde,
-                                   [catalog.adapters, catalog.models_topic, catalog.heartbeats],
+                                   [catalog.adapters, catalog.models_topic, catalog.heartbeats,
+                                    *(catalog.dlq(stage) for stage in STAGES)],
                                    group_id=None, auto_offset_reset="earliest")
         self._deadlines: OrderedDict[str, int] = OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []
         self._admin: AIOKafkaAdminClient | None = None
         self._probe: AIOKafkaConsumer | None = None
         self.lag_total = 0
+        self._dead_by_origin: dict[tuple[str, str], int] = {}
+        self._dead_seen: set[str] = set()
+        self._dlq_topics = frozenset(catalog.dlq(stage) for stage in STAGES)
 
     async def start(self) -> None:
         await self.live.start()
@@ -83,7 +101,16 @@ class Observer:
             if deadline is not None:
                 self.stats.on_slo(event_time_ms(event) <= deadline)
         elif topic == catalog.feedback:
-            self.stats.feedback += 1
+            self.stats.on_feedback(event)
+        elif topic == catalog.rewards:
+            self.stats.on_reward(event)
+        elif topic in self._dlq_topics:
+            if event["event_id"] in self._dead_seen:
+                return  # the same record dead-lettered again after a retry: its id is derived from it
+            self._dead_seen.add(event["event_id"])
+            self.stats.on_dead_letter(event)
+            key = (str(event["stage"]), str(event["origin_topic"]))
+            self._dead_by_origin[key] = self._dead_by_origin.get(key, 0) + 1
         elif topic == catalog.adapters:
             self.stats.on_adapter(event)
         elif topic == catalog.models_topic:
@@ -100,13 +127,56 @@ class Observer:
                 if item.event is not None:
                     self.apply(item.record.topic, item.event)
 
-    async def lag(self) -> dict[str, int]:
-        """Records not yet processed, per consuming stage (router and each model's workers)."""
+    async def _clients(self) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
         if self._admin is None or self._probe is None:
             self._admin = AIOKafkaAdminClient(**self.services.kafka.client_kwargs())
             self._probe = AIOKafkaConsumer(**self.services.kafka.client_kwargs(), group_id=None)
             await self._admin.start()
             await self._probe.start()
+        return self._admin, self._probe
+
+    async def progress(self) -> dict[str, dict[str, int]]:
+        """How far each learner is through its input topic (see the module docstring)."""
+        admin, probe = await self._clients()
+        catalog, prefix = self.services.catalog, self.services.settings.topic_prefix
+        feedback = [TopicPartition(catalog.feedback, 0)]
+        layout = await partitions_of(self.services.kafka, [catalog.rewards])
+        rewards = [TopicPartition(catalog.rewards, p) for p in layout[catalog.rewards]]
+        ends = await probe.end_offsets(feedback + rewards)
+        journalled = await self.services.pool.fetchval(
+            "SELECT feedback_offset FROM router_state WHERE router_name = $1", f"{prefix}{ROUTER_JOURNAL}")
+        read = {"router": int(journalled) + 1 if journalled is not None else 0}
+        for name, partitions in (("personalizer", feedback), ("rewarder", feedback), ("trainer", rewards)):
+            committed = await admin.list_consumer_group_offsets(f"{prefix}flywheel-{name}")
+            read[name] = sum(committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0
+                             for tp in partitions)
+        out = {}
+        for name, partitions in (*((n, feedback) for n in FEEDBACK_LEARNERS), ("trainer", rewards)):
+            end = sum(ends[tp] for tp in partitions)
+            dead = self.dead_letters_from(name, partitions[0].topic)
+            out[name] = {"read": read[name], "applied": max(0, read[name] - dead), "dead_letters": dead,
+                         "waiting": max(0, end - read[name]), "on_topic": end}
+        return out
+
+    def dead_letters_from(self, stage: str, topic: str) -> int:
+        return self._dead_by_origin.get((stage, topic), 0)
+
+    async def reward_model(self) -> dict[str, Any] | None:
+        """The rewarder's reward model figures (``reward_model_state``), None before it ran."""
+        row = await self.services.pool.fetchrow(
+            "SELECT accuracy, heldout, examples, skipped, scored, usable, threshold, per_model, updated_at "
+            "FROM reward_model_state WHERE deployment = $1", self.services.settings.topic_prefix)
+        if row is None:
+            return None
+        return {"accuracy": row["accuracy"], "heldout": row["heldout"], "examples": row["examples"],
+                "skipped": row["skipped"], "scored": row["scored"], "usable": row["usable"],
+                "threshold": row["threshold"], "per_model": row["per_model"],
+                "updated_at": row["updated_at"].timestamp()}
+
+    async def lag(self) -> dict[str, int]:
+        """Records not yet processed, per consuming stage (router and each model's workers)."""
+        await self._clients()
+        assert self._admin is not None and self._probe is not None
         catalog = self.services.catalog
         groups = {router_group(self.services): [catalog.requests]}
         groups |= {worker_group(self.services, m): [catalog.decisions(m)] for m in catalog.models}
@@ -127,5 +197,10 @@ class Observer:
                 self.lag_total = sum(self.stats.lag.values())
             except Exception as exc:  # monitoring must never take the gateway down
                 log.warning("lag check failed: %s", exc)
+            try:
+                self.stats.learners = await self.progress()
+                self.stats.reward_model = await self.reward_model()
+            except Exception as exc:
+                log.warning("learner progress check failed: %s", exc)
             await asyncio.sleep(interval_s)
 

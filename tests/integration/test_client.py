@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 
 import pytest
 
@@ -98,3 +99,40 @@ async def test_submit_times_out_with_a_typed_error(services):
             await client.submit(user_id="bob", prompt="nobody answers", timeout_s=1.0)
     finally:
         await client.close()
+
+
+async def test_feedback_names_what_was_served_from_memory_or_the_ledger(services, run_prefix):
+    client = FlywheelClient(services)
+    await client.start()
+    try:
+        async with echo_responder(services, f"{run_prefix}echo-fb", []):
+            first = await client.submit(user_id="carol", prompt="first", timeout_s=30)
+            second = await client.submit(user_id="carol", prompt="second", timeout_s=30)
+        # the id the OpenAI API shows works, and the client names the model and versions it delivered
+        record = await client.feedback(user_id="carol", request_id=f"chatcmpl-{first['request_id']}",
+                                       kind="thumbs", thumbs_up=True)
+        assert record["request_id"] == first["request_id"]
+        assert (record["model"], record["model_version"], record["adapter_version"]) == ("echo", "v0", None)
+        pair = await client.feedback(user_id="carol", request_id=first["request_id"], kind="pairwise", pairwise={
+            "request_id_a": f"chatcmpl-{first['request_id']}", "request_id_b": second["request_id"],
+            "model_a": "claimed", "winner": "b"})
+        assert pair["pairwise"]["request_id_a"] == first["request_id"]
+        assert (pair["pairwise"]["model_a"], pair["pairwise"]["model_b"]) == ("echo", "echo")  # served facts win
+    finally:
+        await client.close()
+
+    # An older response, answered before this client started: the workers' ledger names it.
+    old = uuid.uuid4().hex
+    await services.pool.execute(
+        "INSERT INTO final_responses (request_id, user_id, model, worker_id, response) VALUES ($1, $2, $3, $4, $5)",
+        old, "carol", "gemma3-270m", "w-1", {"request_id": old, "model": "gemma3-270m", "model_version": "v7",
+                                             "adapter_version": "3:abc", "text": "Paris"})
+    fresh = FlywheelClient(services)
+    await fresh.start()
+    try:
+        record = await fresh.feedback(user_id="carol", request_id=old, kind="rating", rating=0.9, model="smollm2-135m")
+        assert (record["model"], record["model_version"], record["adapter_version"]) == ("gemma3-270m", "v7", "3:abc")
+        unknown = await fresh.feedback(user_id="carol", request_id="never-answered", kind="thumbs", thumbs_up=True)
+        assert unknown["model"] is None  # published as given: the learners dead-letter it with the reason
+    finally:
+        await fresh.close()

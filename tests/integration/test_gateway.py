@@ -132,9 +132,11 @@ async def test_dashboard_renders_live_data_in_headless_chromium(system, tmp_path
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          f"--user-data-dir={tmp_path}", "--virtual-time-budget=6000", "--dump-dom", f"{system}/dashboard"],
         capture_output=True, text=True, timeout=120, check=False).stdout
-    points = dict(re.findall(r'id="(throughput|latency|routing|elo|lag)" data-points="(\d+)"', dom))
-    rows = dict(re.findall(r'id="(versions|workers)" data-rows="(\d+)"', dom))
+    points = dict(re.findall(r'id="([a-z-]+)" data-points="(\d+)"', dom))
+    rows = dict(re.findall(r'id="([a-z-]+)" data-rows="(\d+)"', dom))
     served = re.search(r'id="kpi-served">(\d+)<', dom)
     assert served and int(served.group(1)) >= 1, dom[:2000]
     assert int(points["throughput"]) >= 1 and int(points["latency"]) >= 1 and int(points["routing"]) >= 1
+    assert int(points["routing-curve"]) >= 1
     assert int(rows["workers"]) >= 1
+    assert int(rows["learners"]) == 4  # router, personaliser, rewarder, trainer

@@ -1,0 +1,70 @@
+"""Is a local TCP port free for a server to listen on, and if not, who holds it?
+
+Used before the local broker and the embedded Postgres start, so a port that another process
+holds (say another developer's broker) is reported as exactly that, with the setting that moves
+ours, instead of as a server that died with a log tail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+from pathlib import Path
+
+from core.errors import FatalError
+
+
+class PortTaken(FatalError):
+    """A port a local service needs is held by another process (the caller moves the port)."""
+
+    def __init__(self, port: int, service: str, setting: str, advice: str = "") -> None:
+        holder = port_holder(port)
+        who = f" by {holder}" if holder else " by another process"
+        message = (f"cannot start {service}: port {port} is already in use{who}. Stop that process, or "
+                   f"choose another port with {setting}=<free port>{advice}.")
+        super().__init__(message)
+        self.port, self.service, self.setting = port, service, setting
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a server could bind ``host:port`` now (SO_REUSEADDR, as Kafka and Postgres bind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def require_free(port: int, service: str, setting: str, advice: str = "") -> None:
+    """Raise :class:`PortTaken` unless ``port`` is free on the loopback interface."""
+    if not port_free(port):
+        raise PortTaken(port, service, setting, advice)
+
+
+def port_holder(port: int) -> str | None:
+    """``pid N (name)`` of the process listening on ``port``, when Linux /proc lets us see it."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])  # 0A = LISTEN
+    if not inodes:
+        return None
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if str(fd.readlink()) in wanted:
+                        name = (proc / "comm").read_text().strip()
+                        return f"pid {proc.name} ({name})"
+    return None
