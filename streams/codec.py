@@ -85,6 +85,18 @@ class FastavroCodec:
         return record
 
 
+# cavro's in-memory decoder stops after the record and cannot say where; a file reader can, at
+# about +60 % per record. Instead each body is decoded inside a wrapper record whose second field
+# is a sentinel long appended to the body: it reads back only if the body was consumed exactly.
+_SENTINEL_VALUE = 0x2A2A2A2A
+_SENTINEL = b"\xd4\xa8\xd1\xa2\x05"  # zigzag varint of _SENTINEL_VALUE
+
+
+def _framed(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "record", "name": "SentinelFramed", "namespace": "dev.flywheel.codec",
+            "fields": [{"name": "body", "type": copy.deepcopy(schema)}, {"name": "end", "type": "long"}]}
+
+
 class CavroCodec:
     name: CodecName = "cavro"
 
@@ -98,21 +110,19 @@ class CavroCodec:
         if not logical_types:
             options["logical_types"] = ()
         self._encoder = cavro.Schema(copy.deepcopy(writer), **options)
-        self._decoder: Any = self._encoder
+        framed_writer = cavro.Schema(_framed(writer), **options)
+        self._decoder: Any = framed_writer
         if reader is not None:
-            self._decoder = cavro.Schema(copy.deepcopy(reader), **options).reader_for_writer(self._encoder)
+            self._decoder = cavro.Schema(_framed(reader), **options).reader_for_writer(framed_writer)
 
     def encode(self, record: Any) -> bytes:
         return bytes(self._encoder.binary_encode(record))
 
     def decode(self, body: bytes | memoryview) -> Any:
-        # cavro's in-memory reader ignores what follows the record; a file reader over a
-        # buffer consumes exactly the record, so the trailing-bytes check stays exact.
-        buf = io.BytesIO(body)
-        record = self._decoder.binary_read(cavro.FileReader(buf))
-        if buf.tell() != len(body):
-            raise SerializationError(f"{len(body) - buf.tell()} trailing bytes after the Avro record")
-        return record
+        framed = self._decoder.binary_decode(bytes(body) + _SENTINEL)
+        if framed["end"] != _SENTINEL_VALUE:
+            raise SerializationError("trailing bytes after the Avro record (or a body shorter than its schema)")
+        return framed["body"]
 
 
 def make_codec(writer: dict[str, Any], reader: dict[str, Any] | None = None, *, logical_types: bool = True,

@@ -147,14 +147,21 @@ class AvroSerde:
         self._writers: dict[str, _Writing] = {}
         self._by_id: dict[int, _Reading] = {}
         self._readers: dict[str, dict[str, Any]] = {}  # record full name -> reader schema
+        self._codecs: dict[tuple[str, bool], BodyCodec] = {}  # (canonical schema, logical types) -> codec
+
+    def _writer_codec(self, contract: Contract, logical_types: bool) -> BodyCodec:
+        key = (contract.canonical, logical_types)
+        codec = self._codecs.get(key)
+        if codec is None:
+            codec = self._codecs[key] = make_codec(contract.schema, logical_types=logical_types, prefer=self.codec)
+        return codec
 
     async def bind(self, topic: str, contract: Contract) -> int:
         schema_id = await self.registry.register(subject_for(topic), contract.schema)
         name = full_name(contract.schema)
         self._readers[name] = contract.schema
-        self._writers[topic] = _Writing(schema_id, contract, name,
-                                        make_codec(contract.schema, prefer=self.codec),
-                                        make_codec(contract.schema, logical_types=False, prefer=self.codec))
+        self._writers[topic] = _Writing(schema_id, contract, name, self._writer_codec(contract, True),
+                                        self._writer_codec(contract, False))
         if schema_id not in self._by_id:
             self._by_id[schema_id] = _Reading(self, contract.schema)
         return schema_id
@@ -228,6 +235,10 @@ class AvroSerde:
             raise SerializationError(f"schema id {schema_id} is not resolved (unknown id, or not prefetched)")
         return schema_id, body, reading
 
+    @staticmethod
+    def schema_id_of(data: bytes | None) -> int:
+        return unframe(data)[0]
+
     def decode(self, data: bytes | None) -> tuple[int, dict[str, Any]]:
         """(schema id, dict) of wire bytes whose id is already known (see ``prefetch``)."""
         schema_id, body, reading = self._reading(data)
@@ -244,6 +255,10 @@ class AvroSerde:
 
     def decode_event(self, data: bytes | None) -> Event:
         """The typed event in wire bytes whose id is already known (see ``prefetch``)."""
+        return self.decode_typed(data)[1]
+
+    def decode_typed(self, data: bytes | None) -> tuple[int, Event]:
+        """(schema id, typed event) of wire bytes whose id is already known (see ``prefetch``)."""
         schema_id, body, reading = self._reading(data)
         event_type = reading.event_type
         if event_type is None or not issubclass(event_type, Event):
@@ -256,7 +271,7 @@ class AvroSerde:
             raise SerializationError(f"undecodable Avro body for schema id {schema_id}: "
                                      f"{type(exc).__name__}: {exc}") from exc
         try:
-            return msgspec.convert(record, event_type)
+            return schema_id, msgspec.convert(record, event_type)
         except msgspec.ValidationError as exc:  # the writer's schema resolved, its values do not fit
             raise SerializationError(f"{reading.full_name} does not fit {event_type.__name__}: {exc}") from exc
 
