@@ -10,6 +10,7 @@ from __future__ import annotations
 
 BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline",
+    "request-plane": "bench.request_plane",
     "routing": "bench.routing",
     "scheduling": "bench.scheduling",
     "personalization": "bench.personalization",
