@@ -28,7 +28,7 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from infra.connect import connect
+from infra.connect import connect, replication_factor
 from infra.runtime import run_async, setup_logging
 from infra.services import local_services
 from infra.settings import get_settings
@@ -94,7 +94,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     topic = f"bench.pipeline.{uuid.uuid4().hex[:8]}"
     admin = AIOKafkaAdminClient(**svc.kafka.client_kwargs())
     await admin.start()
-    await ensure_topics(admin, [TopicSpec(topic, "InferenceRequest", "user_id", 3)], settings.replication_factor)
+    await ensure_topics(admin, [TopicSpec(topic, "InferenceRequest", "user_id", 3)], replication_factor(settings))
     await admin.close()
     guarantee = svc.capabilities.guarantee
     await svc.close()

@@ -360,3 +360,21 @@ async def partitions_of(config: KafkaConfig, topics: list[str]) -> dict[str, lis
     if missing:
         raise KeyError(f"no such topics: {missing}")
     return out
+
+
+async def partition_leaders(config: KafkaConfig, topics: list[str]) -> dict[TopicPartition, int]:
+    """The broker (node id) leading each partition of ``topics``, from fresh metadata."""
+    client = AIOKafkaClient(**config.client_kwargs())
+    try:
+        await client.bootstrap()
+        cluster = await client.fetch_all_metadata()
+    finally:
+        await client.close()
+    out: dict[TopicPartition, int] = {}
+    for topic in topics:
+        for partition in cluster.partitions_for_topic(topic) or ():
+            tp = TopicPartition(topic, partition)
+            leader = cluster.leader_for_partition(tp)
+            if leader is not None and leader >= 0:
+                out[tp] = leader
+    return out
