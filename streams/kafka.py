@@ -264,7 +264,8 @@ class Received:
 class EventConsumer:
     """Consume and decode events; undecodable records come back with ``error`` set (never raised).
 
-    Decoding is batched: the schema ids of a fetched batch are resolved first (a registry call
+    Reads are ``read_committed`` unless the broker is known to have no transactions (see
+    ``__init__``). Decoding is batched: the schema ids of a fetched batch are resolved first (a registry call
     only for an id never seen), then every record decodes synchronously. ``typed=True`` yields
     typed events (``Received.typed``) instead of dicts (``Received.event``).
     """
@@ -277,7 +278,11 @@ class EventConsumer:
         kwargs = config.client_kwargs()
         kwargs.update(group_id=group_id, enable_auto_commit=False, auto_offset_reset=auto_offset_reset,
                       **extra)
-        if capabilities is not None and capabilities.transactions:
+        # Readers see committed events only. A read_uncommitted reader can hand out a record of a
+        # transaction that later aborts (a worker's final, after a broker fault), which is then
+        # answered again. Only a broker known to have no transactions reads uncommitted (there is
+        # nothing to abort there); an unknown broker is read as if it had them.
+        if capabilities is None or capabilities.transactions:
             kwargs.setdefault("isolation_level", "read_committed")
         self.raw = AIOKafkaConsumer(*topics, **kwargs)
         self.group_id = group_id

@@ -148,6 +148,9 @@ class AvroSerde:
         self._by_id: dict[int, _Reading] = {}
         self._readers: dict[str, dict[str, Any]] = {}  # record full name -> reader schema
         self._codecs: dict[tuple[str, bool], BodyCodec] = {}  # (canonical schema, logical types) -> codec
+        # Why the last prefetch could not resolve an id (asked again at the next prefetch: an id
+        # unknown now may be registered later).
+        self._unresolved: dict[int, str] = {}
 
     def _writer_codec(self, contract: Contract, logical_types: bool) -> BodyCodec:
         key = (contract.canonical, logical_types)
@@ -214,8 +217,10 @@ class AvroSerde:
             if schema_id not in self._by_id:
                 try:
                     await self._resolve(schema_id)
-                except SerializationError:
+                except SerializationError as exc:
+                    self._unresolved[schema_id] = str(exc)
                     continue
+                self._unresolved.pop(schema_id, None)
 
     async def _resolve(self, schema_id: int) -> _Reading:
         text = await self.registry.schema_by_id(schema_id)
@@ -232,7 +237,8 @@ class AvroSerde:
         schema_id, body = unframe(data)
         reading = self._by_id.get(schema_id)
         if reading is None:
-            raise SerializationError(f"schema id {schema_id} is not resolved (unknown id, or not prefetched)")
+            raise SerializationError(self._unresolved.get(schema_id)
+                                     or f"schema id {schema_id} is not resolved (unknown id, or not prefetched)")
         return schema_id, body, reading
 
     @staticmethod

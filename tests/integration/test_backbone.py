@@ -261,3 +261,42 @@ async def test_broker_restart_keeps_acknowledged_records(services, kafka_broker)
     finally:
         await consumer.stop()
     assert seen == {f"durable-{i}" for i in range(20)}
+
+
+async def test_readers_never_see_a_final_of_an_aborted_transaction(services):
+    """The post-pause read flake, root cause: the client read read_uncommitted, so it could answer
+    with a worker's final whose transaction then aborted (the worker re-answers it later, and a
+    read_committed check right after the answers finds it missing). Every EventConsumer now reads
+    committed events only, whatever it was told about the broker (none of these pass capabilities)."""
+    from flywheel.client import FlywheelClient
+
+    topic = services.catalog.responses
+    client = FlywheelClient(services)
+    await client.start()
+    doomed = EventProducer(services.kafka, services.serde, services.capabilities,
+                           transactional_id=f"{services.catalog.prefix}abort-test")
+    await doomed.start()
+    try:
+        request = samples()["InferenceRequest"] | {"request_id": "req-abort", "correlation_id": "req-abort"}
+        pending = await client.publish_request(request)
+        final = samples()["InferenceResponse"] | {"request_id": "req-abort", "correlation_id": "req-abort",
+                                                  "user_id": request["user_id"], "text": "from an aborted txn"}
+        doomed.raw.begin_transaction()
+        await (await doomed.send(topic, final, key="req-abort"))  # appended to the log and acknowledged
+        await asyncio.sleep(1.0)  # long enough for a read_uncommitted reader to hand it out
+        await doomed.raw.abort_transaction()
+        await asyncio.sleep(1.0)
+        assert not pending.final.done(), "the client answered with a final of an aborted transaction"
+        async with doomed.raw.transaction():
+            await doomed.send(topic, final | {"text": "committed"}, key="req-abort")
+        answer = await asyncio.wait_for(pending.final, 30)
+        assert answer["text"] == "committed"
+        seen = [item.event["text"] for item in await _consume_all(services, topic, 10, timeout_s=5)
+                if item.event and item.event["request_id"] == "req-abort"]
+        assert seen == ["committed"]
+        in_log = [(await services.serde.deserialize(r.value))[1]["text"]
+                  for r in await read_topics(services.kafka, [topic], committed_only=False)]
+        assert "from an aborted txn" in in_log  # it was in the log all along, only never committed
+    finally:
+        await doomed.stop()
+        await client.close()
