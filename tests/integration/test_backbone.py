@@ -281,7 +281,7 @@ async def test_readers_never_see_a_final_of_an_aborted_transaction(services):
         pending = await client.publish_request(request)
         final = samples()["InferenceResponse"] | {"request_id": "req-abort", "correlation_id": "req-abort",
                                                   "user_id": request["user_id"], "text": "from an aborted txn"}
-        doomed.raw.begin_transaction()
+        await doomed.raw.begin_transaction()
         await (await doomed.send(topic, final, key="req-abort"))  # appended to the log and acknowledged
         await asyncio.sleep(1.0)  # long enough for a read_uncommitted reader to hand it out
         await doomed.raw.abort_transaction()
