@@ -119,7 +119,7 @@ class CavroCodec:
         return bytes(self._encoder.binary_encode(record))
 
     def decode(self, body: bytes | memoryview) -> Any:
-        framed = self._decoder.binary_decode(bytes(body) + _SENTINEL)
+        framed = self._decoder.binary_decode(b"".join((body, _SENTINEL)))  # one copy, memoryview or bytes
         if framed["end"] != _SENTINEL_VALUE:
             raise SerializationError("trailing bytes after the Avro record (or a body shorter than its schema)")
         return framed["body"]
