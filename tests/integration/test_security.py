@@ -15,10 +15,11 @@ from infra.localkafka import LocalKafka, SecurityListener, make_tls_material
 from infra.settings import Settings
 from streams.kafka import KafkaConfig, probe_capabilities
 from streams.topics import TopicSpec, ensure_topics
-from tests.conftest import TEST_HOME
+from tests.conftest import TEST_HOME, TEST_KAFKA_PORT
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
-PLAIN_PORT, SECURE_PORT = 49092, 49094
+# Inside each engineer's own port range (the session's broker holds +0 and +1).
+PLAIN_PORT, SECURE_PORT = TEST_KAFKA_PORT + 4, TEST_KAFKA_PORT + 6
 USER, PASSWORD = "flywheel-admin", "s3cret-Scram-pass"
 STORE_PASSWORD = "changeit-tls"
 
