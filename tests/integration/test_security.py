@@ -11,8 +11,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from pydantic import SecretStr
 
-from infra.localkafka import LocalKafka, SecurityListener, make_tls_material
+from infra.localkafka import LocalKafka, SecurityListener
 from infra.settings import Settings
+from infra.tls import make_tls_material
 from streams.kafka import KafkaConfig, probe_capabilities
 from streams.topics import TopicSpec, ensure_topics
 from tests.conftest import TEST_HOME, TEST_KAFKA_PORT
