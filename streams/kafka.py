@@ -241,7 +241,7 @@ class EventProducer:
                                    timestamp_ms=timestamp_ms)
 
 
-@dataclass
+@dataclass(slots=True)
 class Received:
     """One consumed record: raw bytes and, if it decoded, the event (``event`` as a dict, or
     ``typed`` as a typed event when the consumer was made with ``typed=True``)."""
@@ -313,7 +313,18 @@ class EventConsumer:
 
     async def decode_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> list[Received]:
         await self.serde.prefetch(r.value for r in records)
-        return [self.decode_known(r) for r in records]
+        if self.typed:
+            return [self.decode_known(r) for r in records]
+        decode = self.serde.decode  # the dict path inlined: this loop runs once per record
+        out: list[Received] = []
+        for record in records:
+            try:
+                schema_id, event = decode(record.value)
+            except DeadLetterError as exc:
+                out.append(Received(record, error=exc))
+                continue
+            out.append(Received(record, event, schema_id))
+        return out
 
     async def batches(self, timeout_ms: int = 500, max_records: int = 500) -> AsyncIterator[list[Received]]:
         """Yield decoded batches (possibly empty, so callers can do periodic work)."""

@@ -238,7 +238,11 @@ class AvroSerde:
         return reading
 
     def _reading(self, data: bytes | None) -> tuple[int, memoryview, _Reading]:
-        schema_id, body = unframe(data)
+        if data is not None and len(data) >= HEADER.size and data[0] == MAGIC_BYTE:  # hot path
+            schema_id = HEADER.unpack_from(data)[1]
+            body = memoryview(data)[HEADER.size:]
+        else:
+            schema_id, body = unframe(data)  # raises the precise SerializationError
         reading = self._by_id.get(schema_id)
         if reading is None:
             raise SerializationError(self._unresolved.get(schema_id)
