@@ -1,6 +1,7 @@
 """One side of the pipeline benchmark, run as its own process (like a real producer or consumer).
 
     python -m bench.pipeline_proc produce|consume --mode ours|raw --topic T --messages N [--rate R]
+        [--codec cavro|fastavro] [--typed]
 
 Prints one JSON line. ``consume`` prints ``{"ready": true}`` once it is positioned at the end of
 the topic, then ``{"first_ms", "last_ms", "count", "latencies_ms": [...]}`` when it has seen N
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -28,9 +30,11 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from infra.connect import connect
 from infra.runtime import run_async, setup_logging
 from infra.settings import get_settings
+from streams.contracts import InferenceRequest
 from streams.events import inference_request
 from streams.kafka import EventConsumer, EventProducer
 from streams.schemas import contract
+from streams.serde import AvroSerde
 from streams.tracing import inject_headers, process_context, setup_tracing
 
 
@@ -68,11 +72,14 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-async def produce(mode: str, topic: str, n: int, rate: float, sample_ratio: float) -> None:
+async def produce(mode: str, topic: str, n: int, rate: float, sample_ratio: float, codec: str, typed: bool) -> None:
     settings = get_settings()
     svc = await connect(settings, f"bench-{mode}-producer")
+    svc.serde = AvroSerde(svc.registry, codec="fastavro" if codec == "fastavro" else "cavro")
     await svc.serde.bind(topic, contract("InferenceRequest"))
     records = payloads(n)
+    # Typed: the producer holds events, as a converted handler would (built before the clock starts).
+    events: list[Any] = [msgspec.convert(r, InferenceRequest) for r in records] if typed else records
     interval = 1.0 / rate if rate > 0 else 0.0
     if mode == "raw":
         encoded = [(r["user_id"].encode(), svc.serde.serialize(topic, r)) for r in records]
@@ -102,7 +109,8 @@ async def produce(mode: str, topic: str, n: int, rate: float, sample_ratio: floa
                                    trace_flags=TraceFlags(TraceFlags.SAMPLED if rng.random() < sample_ratio
                                                           else TraceFlags.DEFAULT))
             ctx = trace.set_span_in_context(NonRecordingSpan(upstream))
-            items = [(r["user_id"], r, inject_headers(ctx=ctx)) for r in records[start:start + chunk]]
+            items = [(r["user_id"], e, inject_headers(ctx=ctx))
+                     for r, e in zip(records[start:start + chunk], events[start:start + chunk], strict=True)]
             futures += await producer.send_many(topic, items)
             if interval:
                 await asyncio.sleep(max(0.0, first / 1000 + (start + 1) * interval - time.time()))
@@ -112,9 +120,11 @@ async def produce(mode: str, topic: str, n: int, rate: float, sample_ratio: floa
     await svc.close()
 
 
-async def consume(mode: str, topic: str, n: int) -> None:
+async def consume(mode: str, topic: str, n: int, codec: str, typed: bool) -> None:
     settings = get_settings()
     svc = await connect(settings, f"bench-{mode}-consumer")
+    svc.serde = AvroSerde(svc.registry, codec="fastavro" if codec == "fastavro" else "cavro")
+    await svc.serde.bind(topic, contract("InferenceRequest"))
     latencies: list[float] = []
     first = last = 0.0
     if mode == "raw":
@@ -131,7 +141,8 @@ async def consume(mode: str, topic: str, n: int) -> None:
         last = time.time() * 1000
         await raw.stop()
     else:
-        consumer = EventConsumer(svc.kafka, svc.serde, [topic], group_id=None, auto_offset_reset="latest")
+        consumer = EventConsumer(svc.kafka, svc.serde, [topic], group_id=None, auto_offset_reset="latest",
+                                 typed=typed)
         await consumer.start()
         await consumer.raw.seek_to_end()
         await asyncio.gather(*(consumer.raw.position(tp) for tp in consumer.raw.assignment()))
@@ -143,7 +154,7 @@ async def consume(mode: str, topic: str, n: int) -> None:
             for item in batch:
                 r = item.record
                 with process_context(r.topic, item.headers, r.partition, r.offset):
-                    if item.event is None:
+                    if item.error is not None:
                         raise RuntimeError(f"undecodable record: {item.error}")
                 first = first or now
                 latencies.append(now - r.timestamp)
@@ -161,15 +172,17 @@ def main() -> None:
     parser.add_argument("--messages", type=int, required=True)
     parser.add_argument("--rate", type=float, default=0.0, help="messages per second; 0 = as fast as possible")
     parser.add_argument("--sample-ratio", type=float, default=1.0)
+    parser.add_argument("--codec", choices=["cavro", "fastavro"], default="cavro")
+    parser.add_argument("--typed", action="store_true", help="typed events instead of dicts")
     args = parser.parse_args()
     setup_logging("WARNING")
     if args.mode == "ours":
         provider = setup_tracing(f"bench-{args.side}", sample_ratio=args.sample_ratio)
         provider.add_span_processor(BatchSpanProcessor(DiscardingExporter()))
     if args.side == "produce":
-        run_async(produce(args.mode, args.topic, args.messages, args.rate, args.sample_ratio))
+        run_async(produce(args.mode, args.topic, args.messages, args.rate, args.sample_ratio, args.codec, args.typed))
     else:
-        run_async(consume(args.mode, args.topic, args.messages))
+        run_async(consume(args.mode, args.topic, args.messages, args.codec, args.typed))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,14 @@ def kafka_config(settings: Settings, client_id: str = "flywheel") -> KafkaConfig
     )
 
 
+def replication_factor(settings: Settings) -> int:
+    """Replicas per topic: ``FLYWHEEL_REPLICATION_FACTOR`` when set; otherwise what the local broker
+    or cluster holds (3 on ``flywheel kafka start --brokers 3``, else 1)."""
+    if "replication_factor" in settings.model_fields_set or settings.kafka_bootstrap:
+        return settings.replication_factor
+    return LocalKafka(settings.home, settings.kafka_port, settings.kafka_controller_port).replication
+
+
 def database_url(settings: Settings) -> str:
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
@@ -118,8 +126,7 @@ async def connect(settings: Settings, client_id: str, *, run_migrations: bool = 
         admin = AIOKafkaAdminClient(**kafka.client_kwargs())
         await admin.start()
         try:
-            await ensure_topics(admin, catalog.specs(), settings.replication_factor,
-                                supports_configs=True)
+            await ensure_topics(admin, catalog.specs(), replication_factor(settings), supports_configs=True)
         finally:
             await admin.close()
     serde = AvroSerde(registry)

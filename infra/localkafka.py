@@ -11,6 +11,13 @@ Two kinds:
 
 The broker runs as a detached process (its own session) so it outlives the command that started
 it; its pid and kind are kept in ``<home>/kafka/broker.json`` for ``status`` and ``stop``.
+
+**A cluster** (``brokers=3``, ``flywheel kafka start --brokers 3``): three Apache Kafka nodes from
+the same jars, each a combined KRaft broker and controller (a three-voter quorum), node ``i`` on
+ports ``port + 2(i-1)`` (clients) and ``controller_port + 2(i-1)`` (controller), with its data
+under ``<home>/kafka/node-<i>``. Everything is replicated three times and ``min.insync.replicas``
+is 2, so an ``acks=all`` write survives the loss of any one broker (``kill_node`` /
+``start_node`` are the fault-injection handles). The bootstrap string lists every node.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import Template
 from typing import Literal
@@ -77,9 +84,12 @@ class SecurityListener:
 class BrokerState:
     kind: BrokerKind
     pid: int
+    """The first node's pid (the only one of a single broker)."""
     bootstrap: str
     version: str
     started_at: float
+    nodes: list[dict[str, int]] = field(default_factory=list)
+    """Every node of an Apache cluster: node_id, pid, port, controller_port (empty: one broker)."""
 
     @property
     def supports_transactions(self) -> bool:
@@ -148,6 +158,24 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+@dataclass(frozen=True)
+class Node:
+    """One Apache Kafka node of the local broker or cluster."""
+
+    node_id: int
+    port: int
+    controller_port: int
+    root: Path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+
 def _cluster_id() -> str:
     """A KRaft cluster id: base64url of 16 random bytes, unpadded (what StorageTool random-uuid prints)."""
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
@@ -163,15 +191,40 @@ class LocalKafka:
         controller_port: int = 19093,
         heap_mb: int = 512,
         security: SecurityListener | None = None,
+        brokers: int | None = None,
     ) -> None:
+        if brokers is not None and brokers < 1:
+            raise ValueError(f"brokers={brokers} must be >= 1")
+        if brokers is not None and brokers > 1 and security is not None:
+            raise ValueError("the SASL_SSL test listener is for a single broker only")
         self.root = home.resolve() / "kafka"
         self.port = port
         self.controller_port = controller_port
         self.heap_mb = heap_mb
         self.security = security
+        self._brokers = brokers
         self.state_file = self.root / "broker.json"
         self.data_dir = self.root / "data"
         self.logs_dir = self.root / "logs"
+
+    @property
+    def brokers(self) -> int:
+        """Nodes of this broker: as asked, else as last started (broker.json), else one."""
+        if self._brokers is not None:
+            return self._brokers
+        state = self.read_state()
+        return max(1, len(state.nodes)) if state is not None else 1
+
+    def nodes(self) -> list[Node]:
+        if self.brokers == 1:
+            return [Node(1, self.port, self.controller_port, self.root)]
+        return [Node(i + 1, self.port + 2 * i, self.controller_port + 2 * i, self.root / f"node-{i + 1}")
+                for i in range(self.brokers)]
+
+    @property
+    def replication(self) -> int:
+        """Replicas of every topic on this broker or cluster (three at most)."""
+        return min(3, self.brokers)
 
     # -- state -------------------------------------------------------------------------------
     def read_state(self) -> BrokerState | None:
@@ -188,6 +241,12 @@ class LocalKafka:
         state = self.read_state()
         if state is None:
             return BrokerStatus(False, None, None, None, None, "never started")
+        if state.nodes:
+            up = [n for n in state.nodes if _pid_alive(n["pid"]) and _port_open(n["port"])]
+            pid = up[0]["pid"] if up else None
+            detail = f"{len(up)} of {len(state.nodes)} brokers running"
+            return BrokerStatus(bool(up), state.kind, state.version, state.bootstrap, pid,
+                                "running" if len(up) == len(state.nodes) else detail)
         if not _pid_alive(state.pid):
             return BrokerStatus(False, state.kind, state.version, state.bootstrap, None,
                                 f"process {state.pid} is gone")
@@ -203,6 +262,9 @@ class LocalKafka:
         if current.running:
             state = self.read_state()
             assert state is not None
+            if max(1, len(state.nodes)) != self.brokers:
+                raise FatalError(f"a broker of {max(1, len(state.nodes))} node(s) is already running; "
+                                 f"stop it before starting {self.brokers}")
             if kind in ("auto", state.kind):
                 return state
             raise FatalError(f"a {state.kind} broker is already running; stop it before starting {kind}")
@@ -211,20 +273,23 @@ class LocalKafka:
         self._check_ports(kind)
         if kind == "apache":
             return self._start_apache(timeout_s)
+        if self.brokers > 1:
+            raise FatalError("a local cluster needs Apache Kafka (Java); Tansu runs one in-memory broker")
         return self._start_tansu(timeout_s)
 
     def _check_ports(self, kind: BrokerKind) -> None:
         """Fail with the port and the setting that moves it when another process holds a port."""
         external = ", or use that cluster with FLYWHEEL_KAFKA_BOOTSTRAP=127.0.0.1:{port}"
-        require_free(self.port, f"the local Kafka broker ({self.root})", "FLYWHEEL_KAFKA_PORT",
-                     external.format(port=self.port))
-        if kind == "apache":
-            require_free(self.controller_port, "the local Kafka broker's KRaft controller",
-                         "FLYWHEEL_KAFKA_CONTROLLER_PORT")
+        for node in self.nodes() if kind == "apache" else [self.nodes()[0]]:
+            require_free(node.port, f"the local Kafka broker ({self.root})", "FLYWHEEL_KAFKA_PORT",
+                         external.format(port=node.port))
+            if kind == "apache":
+                require_free(node.controller_port, "the local Kafka broker's KRaft controller",
+                             "FLYWHEEL_KAFKA_CONTROLLER_PORT")
 
-    def _render_properties(self) -> Path:
-        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}", f"CONTROLLER://127.0.0.1:{self.controller_port}"]
-        advertised = [f"PLAINTEXT://127.0.0.1:{self.port}"]
+    def _render_properties(self, node: Node) -> Path:
+        listeners = [f"PLAINTEXT://127.0.0.1:{node.port}", f"CONTROLLER://127.0.0.1:{node.controller_port}"]
+        advertised = [f"PLAINTEXT://127.0.0.1:{node.port}"]
         protocol_map = ["CONTROLLER:PLAINTEXT", "PLAINTEXT:PLAINTEXT"]
         extra: list[str] = []
         if self.security is not None:
@@ -243,37 +308,53 @@ class LocalKafka:
                 f"ssl.truststore.password={sec.store_password}",
                 "ssl.client.auth=none",
             ]
+        if self.brokers > 1:
+            # A dead node is noticed in ~4 s (default 9 s): its partitions get new leaders sooner.
+            extra += ["broker.heartbeat.interval.ms=1000", "broker.session.timeout.ms=4000"]
         template = Template((kafka_config_dir() / "server.properties").read_text())
+        replication = self.replication
         rendered = template.substitute(
-            controller_port=self.controller_port,
+            node_id=node.node_id,
+            quorum_voters=",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes()),
             listeners=",".join(listeners),
             advertised_listeners=",".join(advertised),
             inter_broker_listener="PLAINTEXT",
             protocol_map=",".join(protocol_map),
-            data_dir=str(self.data_dir),
+            data_dir=str(node.data_dir),
+            replication=replication,
+            min_isr=2 if replication >= 3 else 1,
             extra="\n".join(extra),
         )
-        path = self.root / "server.properties"
+        node.root.mkdir(parents=True, exist_ok=True)
+        path = node.root / "server.properties"
         path.write_text(rendered)
         return path
 
-    def _java_base(self, lib: Path) -> list[str]:
+    def _java_base(self, lib: Path, node: Node | None = None) -> list[str]:
         log4j = kafka_config_dir() / "log4j.properties"
+        logs = (node or self.nodes()[0]).logs_dir
         return [
             "java", f"-Xmx{self.heap_mb}m", "-Xms128m", "-XX:+UseSerialGC", "-Djava.awt.headless=true",
-            f"-Dkafka.logs.dir={self.logs_dir}", f"-Dlog4j.configuration=file:{log4j}",
+            f"-Dkafka.logs.dir={logs}", f"-Dlog4j.configuration=file:{log4j}",
             "-cp", f"{lib}/*",
         ]
 
-    def _start_apache(self, timeout_s: float) -> BrokerState:
-        if not java_available():
-            raise FatalError("Java is not installed; use the Tansu fallback (--broker tansu)")
-        lib = ensure_kafka_jars()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        props = self._render_properties()
-        if not (self.data_dir / "meta.properties").exists():
-            fmt = [*self._java_base(lib), "kafka.tools.StorageTool", "format", "-t", _cluster_id(),
+    def _cluster_id_for_run(self) -> str:
+        """One cluster id for every node (kept beside the nodes, so a restart reuses it)."""
+        path = self.root / "cluster.id"
+        if not path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            path.write_text(_cluster_id())
+        return path.read_text().strip()
+
+    def _launch(self, lib: Path, node: Node) -> tuple[subprocess.Popen[bytes], Path, int]:
+        """Format (first time) and start one node; returns (process, its server.log, log offset)."""
+        node.data_dir.mkdir(parents=True, exist_ok=True)
+        node.logs_dir.mkdir(parents=True, exist_ok=True)
+        props = self._render_properties(node)
+        if not (node.data_dir / "meta.properties").exists():
+            cluster_id = self._cluster_id_for_run() if self.brokers > 1 else _cluster_id()
+            fmt = [*self._java_base(lib, node), "kafka.tools.StorageTool", "format", "-t", cluster_id,
                    "-c", str(props), "--ignore-formatted"]
             if self.security is not None:
                 sec = self.security
@@ -282,26 +363,82 @@ class LocalKafka:
             result = subprocess.run(fmt, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise FatalError(f"formatting Kafka storage failed: {result.stdout}{result.stderr}")
-        server_log = self.logs_dir / "server.log"
+        server_log = node.logs_dir / "server.log"
         start_offset = server_log.stat().st_size if server_log.exists() else 0
-        stdout = open(self.logs_dir / "stdout.log", "ab")  # noqa: SIM115 - handed to the child
+        stdout = open(node.logs_dir / "stdout.log", "ab")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen(
-            [*self._java_base(lib), "kafka.Kafka", str(props)],
+            [*self._java_base(lib, node), "kafka.Kafka", str(props)],
             stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
         stdout.close()
-        state = BrokerState("apache", proc.pid, f"127.0.0.1:{self.port}", kafka_version(), time.time())
-        self._write_state(state)
+        return proc, server_log, start_offset
+
+    def _wait_started(self, launched: list[tuple[Node, subprocess.Popen[bytes], Path, int]],
+                      timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise FatalError(f"Kafka exited with {proc.returncode}; log tail:\n{self._log_tail()}")
-            if self._started_since(server_log, start_offset) and _port_open(self.port):
-                log.info("Apache Kafka %s running on %s (pid %d)", state.version, state.bootstrap, proc.pid)
-                return state
+        waiting = list(launched)
+        while waiting and time.monotonic() < deadline:
+            for item in list(waiting):
+                node, proc, server_log, offset = item
+                if proc.poll() is not None:
+                    raise FatalError(f"Kafka node {node.node_id} exited with {proc.returncode}; log tail:\n"
+                                     f"{self._log_tail(node=node)}")
+                if self._started_since(server_log, offset) and _port_open(node.port):
+                    waiting.remove(item)
             time.sleep(0.25)
-        self.stop()
-        raise FatalError(f"Kafka did not start within {timeout_s:.0f}s; log tail:\n{self._log_tail()}")
+        if waiting:
+            node = waiting[0][0]
+            self.stop()
+            raise FatalError(f"Kafka node {node.node_id} did not start within {timeout_s:.0f}s; log tail:\n"
+                             f"{self._log_tail(node=node)}")
+
+    def _start_apache(self, timeout_s: float) -> BrokerState:
+        if not java_available():
+            raise FatalError("Java is not installed; use the Tansu fallback (--broker tansu)")
+        lib = ensure_kafka_jars()
+        nodes = self.nodes()
+        launched = [(node, *self._launch(lib, node)) for node in nodes]  # all at once: the quorum needs 2 of 3
+        state = BrokerState("apache", launched[0][1].pid, ",".join(f"127.0.0.1:{n.port}" for n in nodes),
+                            kafka_version(), time.time(),
+                            [{"node_id": n.node_id, "pid": proc.pid, "port": n.port,
+                              "controller_port": n.controller_port} for n, proc, _, _ in launched]
+                            if len(nodes) > 1 else [])
+        self._write_state(state)
+        self._wait_started(launched, timeout_s)
+        log.info("Apache Kafka %s running on %s (%d node(s), pid %d)", state.version, state.bootstrap,
+                 len(nodes), state.pid)
+        return state
+
+    def start_node(self, node_id: int, timeout_s: float = 90.0) -> None:
+        """(Re)start one node of a running cluster (after ``kill_node``)."""
+        state = self.read_state()
+        if state is None or not state.nodes:
+            raise FatalError("start_node needs a local cluster (flywheel kafka start --brokers 3)")
+        node = next(n for n in self.nodes() if n.node_id == node_id)
+        entry = next(n for n in state.nodes if n["node_id"] == node_id)
+        if _pid_alive(entry["pid"]):
+            return
+        proc, server_log, offset = self._launch(ensure_kafka_jars(), node)
+        entry["pid"] = proc.pid
+        if node_id == state.nodes[0]["node_id"]:
+            state.pid = proc.pid
+        self._write_state(state)
+        self._wait_started([(node, proc, server_log, offset)], timeout_s)
+
+    def kill_node(self, node_id: int) -> None:
+        """SIGKILL one node of a cluster (fault injection)."""
+        state = self.read_state()
+        if state is None or not state.nodes:
+            raise FatalError("kill_node needs a local cluster (flywheel kafka start --brokers 3)")
+        pid = next(n["pid"] for n in state.nodes if n["node_id"] == node_id)
+        self._kill_pid(pid)
+
+    def node_of_port(self, port: int) -> int:
+        """The node id listening for clients on ``port`` (leaders are reported by host and port)."""
+        for node in self.nodes():
+            if node.port == port:
+                return node.node_id
+        raise KeyError(f"no local node listens on {port}")
 
     @staticmethod
     def _started_since(server_log: Path, offset: int) -> bool:
@@ -311,9 +448,10 @@ class LocalKafka:
             fh.seek(offset if server_log.stat().st_size >= offset else 0)
             return STARTED_MARKER.encode() in fh.read()
 
-    def _log_tail(self, lines: int = 40) -> str:
+    def _log_tail(self, lines: int = 40, node: Node | None = None) -> str:
+        logs = (node or self.nodes()[0]).logs_dir
         for name in ("server.log", "stdout.log"):
-            path = self.logs_dir / name
+            path = logs / name
             if path.exists():
                 return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
         return "(no log)"
@@ -349,69 +487,52 @@ class LocalKafka:
         raise FatalError(f"Tansu did not start within {timeout_s:.0f}s")
 
     # -- stop / kill ---------------------------------------------------------------------------
+    def _pids(self) -> list[int]:
+        state = self.read_state()
+        if state is None:
+            return []
+        return [n["pid"] for n in state.nodes] if state.nodes else [state.pid]
+
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Controlled shutdown (SIGTERM), then SIGKILL after ``timeout_s``. True if one was running."""
-        state = self.read_state()
-        if state is None or not _pid_alive(state.pid):
+        alive = [pid for pid in self._pids() if _pid_alive(pid)]
+        if not alive:
             return False
-        os.kill(state.pid, signal.SIGTERM)
+        for pid in alive:
+            os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _pid_alive(state.pid):
+        while time.monotonic() < deadline and any(_pid_alive(pid) for pid in alive):
             time.sleep(0.2)
-        if _pid_alive(state.pid):
-            os.kill(state.pid, signal.SIGKILL)
-        self._reap(state.pid)
+        for pid in alive:
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+            self._reap(pid)
         return True
 
     def kill(self) -> None:
-        """SIGKILL the broker (fault injection): no controlled shutdown, no flush."""
-        state = self.read_state()
-        if state is not None and _pid_alive(state.pid):
-            os.kill(state.pid, signal.SIGKILL)
+        """SIGKILL the broker (every node of a cluster; fault injection): no controlled shutdown, no flush."""
+        for pid in self._pids():
+            self._kill_pid(pid)
+
+    def _kill_pid(self, pid: int) -> None:
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while _pid_alive(state.pid) and time.monotonic() < deadline:
+            while _pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            self._reap(state.pid)
+            self._reap(pid)
 
     def pause(self) -> None:
-        state = self.read_state()
-        if state is not None:
-            os.kill(state.pid, signal.SIGSTOP)
+        for pid in self._pids():
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        state = self.read_state()
-        if state is not None:
-            os.kill(state.pid, signal.SIGCONT)
+        for pid in self._pids():
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGCONT)
 
     @staticmethod
     def _reap(pid: int) -> None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-
-
-def make_tls_material(directory: Path, password: str) -> tuple[Path, Path, Path]:
-    """A self-signed certificate for 127.0.0.1/localhost (JDK keytool): the broker's PKCS12 keystore
-    and truststore, and the certificate in PEM for Python clients. Idempotent."""
-    directory.mkdir(parents=True, exist_ok=True)
-    keystore, truststore, pem = directory / "broker.p12", directory / "trust.p12", directory / "ca.pem"
-    if keystore.exists() and truststore.exists() and pem.exists():
-        return keystore, truststore, pem
-    for path in (keystore, truststore, pem):
-        path.unlink(missing_ok=True)
-    keytool = shutil.which("keytool")
-    if keytool is None:
-        raise FatalError("keytool (from the JDK) is needed to create TLS material")
-
-    def run(*args: str) -> None:
-        result = subprocess.run([keytool, *args], capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise FatalError(f"keytool {args[0]} failed: {result.stderr or result.stdout}")
-
-    run("-genkeypair", "-alias", "broker", "-keyalg", "RSA", "-keysize", "2048", "-validity", "3650",
-        "-dname", "CN=localhost", "-ext", "SAN=ip:127.0.0.1,dns:localhost", "-storetype", "PKCS12",
-        "-keystore", str(keystore), "-storepass", password, "-keypass", password)
-    run("-exportcert", "-rfc", "-alias", "broker", "-keystore", str(keystore), "-storepass", password,
-        "-file", str(pem))
-    run("-importcert", "-noprompt", "-alias", "broker", "-file", str(pem), "-storetype", "PKCS12",
-        "-keystore", str(truststore), "-storepass", password)
-    return keystore, truststore, pem

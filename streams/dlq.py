@@ -14,6 +14,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from streams.contracts import Event
 from streams.events import envelope
 from streams.kafka import EventProducer
 
@@ -55,14 +56,17 @@ class DeadLetters:
 
     async def publish(self, *, topic: str, partition: int, offset: int, key: bytes | None,
                       value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None,
-                      error: Exception, event: dict[str, Any] | None = None) -> None:
+                      error: Exception, event: dict[str, Any] | Event | None = None) -> None:
         reason = getattr(error, "reason", None) or str(error) or type(error).__name__
+        envelope_of = event if isinstance(event, dict) else (
+            {"correlation_id": event.correlation_id, "tenant_id": event.tenant_id, "user_id": event.user_id}
+            if event is not None else {})
         record = dead_letter_event(
             stage=self.stage, topic=topic, partition=partition, offset=offset, key=key, value=value,
             headers=headers, reason=reason, error_type=type(error).__name__,
-            correlation_id=str((event or {}).get("correlation_id", "")),
-            tenant_id=str((event or {}).get("tenant_id", "")),
-            user_id=str((event or {}).get("user_id", "")),
+            correlation_id=str(envelope_of.get("correlation_id", "")),
+            tenant_id=str(envelope_of.get("tenant_id", "")),
+            user_id=str(envelope_of.get("user_id", "")),
         )
         log.warning("dead letter from %s[%d]@%d (%s): %s", topic, partition, offset, self.stage, reason)
         await self.producer.send_and_wait(self.topic, record, key=key)

@@ -28,7 +28,7 @@ def envelope(correlation_id: str, tenant_id: str, user_id: str, event_id: str | 
 
 
 def event_time_ms(event: dict[str, Any]) -> int:
-    """Event time as epoch milliseconds (fastavro decodes timestamp-millis to datetime)."""
+    """Event time as epoch milliseconds (the serde decodes it so; a datetime is accepted too)."""
     value = event["event_time"]
     if isinstance(value, int):
         return value

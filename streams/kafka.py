@@ -25,6 +25,7 @@ from aiokafka.protocol.transaction import InitProducerIdRequest
 from pydantic import SecretStr
 
 from core.errors import DeadLetterError, RetriableError
+from streams.contracts import Event
 from streams.serde import AvroSerde
 from streams.tracing import inject_headers, producer_span
 
@@ -160,10 +161,10 @@ class EventProducer:
     async def stop(self) -> None:
         await self.raw.stop()
 
-    def encode(self, topic: str, record: dict[str, Any]) -> bytes:
+    def encode(self, topic: str, record: dict[str, Any] | Event) -> bytes:
         return self.serde.serialize(topic, record)
 
-    async def send(self, topic: str, record: dict[str, Any], key: str | bytes | None = None,
+    async def send(self, topic: str, record: dict[str, Any] | Event, key: str | bytes | None = None,
                    headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
                    span: bool = False) -> Any:
         """Serialise, inject the current trace context and hand to the batcher.
@@ -176,11 +177,12 @@ class EventProducer:
         if not span:
             return await self.raw.send(topic, value, key=encode_key(key), partition=partition,
                                        headers=inject_headers(headers))
-        with producer_span(topic, {"messaging.message.id": record.get("event_id", "")}):
+        event_id = record.event_id if isinstance(record, Event) else record.get("event_id", "")
+        with producer_span(topic, {"messaging.message.id": event_id}):
             return await self.raw.send(topic, value, key=encode_key(key), partition=partition,
                                        headers=inject_headers(headers))
 
-    async def send_and_wait(self, topic: str, record: dict[str, Any], key: str | bytes | None = None,
+    async def send_and_wait(self, topic: str, record: dict[str, Any] | Event, key: str | bytes | None = None,
                             headers: list[tuple[str, bytes]] | None = None, span: bool = False) -> Any:
         future = await self.send(topic, record, key, headers, span=span)
         return await future
@@ -202,7 +204,8 @@ class EventProducer:
         return found
 
     async def send_many(self, topic: str,
-                        items: Sequence[tuple[str | bytes | None, dict[str, Any], list[tuple[str, bytes]] | None]],
+                        items: Sequence[tuple[str | bytes | None, dict[str, Any] | Event,
+                                              list[tuple[str, bytes]] | None]],
                         ) -> list[Any]:
         """Produce several events at once; returns the futures of the broker's acks.
 
@@ -238,14 +241,16 @@ class EventProducer:
                                    timestamp_ms=timestamp_ms)
 
 
-@dataclass
+@dataclass(slots=True)
 class Received:
-    """One consumed record: raw bytes and, if it decoded, the event."""
+    """One consumed record: raw bytes and, if it decoded, the event (``event`` as a dict, or
+    ``typed`` as a typed event when the consumer was made with ``typed=True``)."""
 
     record: ConsumerRecord[bytes, bytes]
     event: dict[str, Any] | None = None
     schema_id: int | None = None
     error: DeadLetterError | None = None
+    typed: Event | None = None
 
     @property
     def headers(self) -> list[tuple[str, bytes]]:
@@ -257,16 +262,27 @@ class Received:
 
 
 class EventConsumer:
-    """Consume and decode events; undecodable records come back with ``error`` set (never raised)."""
+    """Consume and decode events; undecodable records come back with ``error`` set (never raised).
+
+    Reads are ``read_committed`` unless the broker is known to have no transactions (see
+    ``__init__``). Decoding is batched: the schema ids of a fetched batch are resolved first (a registry call
+    only for an id never seen), then every record decodes synchronously. ``typed=True`` yields
+    typed events (``Received.typed``) instead of dicts (``Received.event``).
+    """
 
     def __init__(self, config: KafkaConfig, serde: AvroSerde, topics: list[str], group_id: str | None,
                  capabilities: BrokerCapabilities | None = None, auto_offset_reset: str = "earliest",
-                 **extra: Any) -> None:
+                 typed: bool = False, **extra: Any) -> None:
         self.serde = serde
+        self.typed = typed
         kwargs = config.client_kwargs()
         kwargs.update(group_id=group_id, enable_auto_commit=False, auto_offset_reset=auto_offset_reset,
                       **extra)
-        if capabilities is not None and capabilities.transactions:
+        # Readers see committed events only. A read_uncommitted reader can hand out a record of a
+        # transaction that later aborts (a worker's final, after a broker fault), which is then
+        # answered again. Only a broker known to have no transactions reads uncommitted (there is
+        # nothing to abort there); an unknown broker is read as if it had them.
+        if capabilities is None or capabilities.transactions:
             kwargs.setdefault("isolation_level", "read_committed")
         self.raw = AIOKafkaConsumer(*topics, **kwargs)
         self.group_id = group_id
@@ -281,21 +297,41 @@ class EventConsumer:
         await self.raw.stop()
 
     async def decode(self, record: ConsumerRecord[bytes, bytes]) -> Received:
+        await self.serde.prefetch((record.value,))
+        return self.decode_known(record)
+
+    def decode_known(self, record: ConsumerRecord[bytes, bytes]) -> Received:
+        """Decode a record whose schema id was prefetched (an unknown id is a dead letter)."""
         try:
-            schema_id, event = await self.serde.deserialize(record.value)
-            return Received(record, event, schema_id)
+            if self.typed:
+                schema_id, event = self.serde.decode_typed(record.value)
+                return Received(record, schema_id=schema_id, typed=event)
+            schema_id, decoded = self.serde.decode(record.value)
+            return Received(record, decoded, schema_id)
         except DeadLetterError as exc:
             return Received(record, error=exc)
+
+    async def decode_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> list[Received]:
+        await self.serde.prefetch(r.value for r in records)
+        if self.typed:
+            return [self.decode_known(r) for r in records]
+        decode = self.serde.decode  # the dict path inlined: this loop runs once per record
+        out: list[Received] = []
+        for record in records:
+            try:
+                schema_id, event = decode(record.value)
+            except DeadLetterError as exc:
+                out.append(Received(record, error=exc))
+                continue
+            out.append(Received(record, event, schema_id))
+        return out
 
     async def batches(self, timeout_ms: int = 500, max_records: int = 500) -> AsyncIterator[list[Received]]:
         """Yield decoded batches (possibly empty, so callers can do periodic work)."""
         while True:
             fetched = await self.raw.getmany(timeout_ms=timeout_ms, max_records=max_records)
-            batch: list[Received] = []
-            for records in fetched.values():
-                for record in records:
-                    batch.append(await self.decode(record))
-            yield batch
+            records = [record for part in fetched.values() for record in part]
+            yield await self.decode_batch(records) if records else []
 
     async def commit(self, offsets: dict[TopicPartition, int] | dict[TopicPartition, tuple[int, str]] | None = None
                      ) -> None:
@@ -339,4 +375,22 @@ async def partitions_of(config: KafkaConfig, topics: list[str]) -> dict[str, lis
     missing = [t for t, parts in out.items() if not parts]
     if missing:
         raise KeyError(f"no such topics: {missing}")
+    return out
+
+
+async def partition_leaders(config: KafkaConfig, topics: list[str]) -> dict[TopicPartition, int]:
+    """The broker (node id) leading each partition of ``topics``, from fresh metadata."""
+    client = AIOKafkaClient(**config.client_kwargs())
+    try:
+        await client.bootstrap()
+        cluster = await client.fetch_all_metadata()
+    finally:
+        await client.close()
+    out: dict[TopicPartition, int] = {}
+    for topic in topics:
+        for partition in cluster.partitions_for_topic(topic) or ():
+            tp = TopicPartition(topic, partition)
+            leader = cluster.leader_for_partition(tp)
+            if leader is not None and leader >= 0:
+                out[tp] = leader
     return out

@@ -76,7 +76,7 @@ async def run_stage(consumer: EventConsumer, dlq: DeadLetters, handle_one: Calla
                             except DeadLetterError as exc:
                                 await dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset,
                                                   key=r.key, value=r.value, headers=item.headers,
-                                                  error=exc, event=item.event)
+                                                  error=exc, event=item.event or item.typed)
                         PROCESSED.labels(config.name, r.topic).inc()
                 await consumer.commit(next_offsets(batch))
                 backoff = config.retry_backoff_s

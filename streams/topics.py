@@ -144,7 +144,13 @@ class TopicCatalog:
 
 async def ensure_topics(admin: AIOKafkaAdminClient, specs: list[TopicSpec], replication_factor: int = 1,
                         supports_configs: bool = True) -> list[str]:
-    """Create missing topics; existing ones are left alone. Returns the names created."""
+    """Create missing topics; existing ones are left alone. Returns the names created.
+
+    With three or more replicas, every topic requires two in sync for an ``acks=all`` write
+    (``min.insync.replicas=2``): an acknowledged record is on two brokers, so losing any one
+    broker loses nothing acknowledged."""
+    if replication_factor < 1:
+        raise ValueError(f"replication_factor={replication_factor} must be >= 1")
     try:
         existing = set(await admin.list_topics())
     except Exception as exc:
@@ -152,9 +158,10 @@ async def ensure_topics(admin: AIOKafkaAdminClient, specs: list[TopicSpec], repl
     missing = [s for s in specs if s.name not in existing]
     if not missing:
         return []
+    durability = {"min.insync.replicas": "2"} if replication_factor >= 3 else {}
     new = [
         NewTopic(s.name, s.partitions, replication_factor,
-                 topic_configs=s.config() if supports_configs else {})
+                 topic_configs={**s.config(), **durability} if supports_configs else {})
         for s in missing
     ]
     try:

@@ -10,6 +10,7 @@ from typing import Any
 
 BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline",
+    "request-plane": "bench.request_plane",
     "routing": "bench.routing",
     "scheduling": "bench.scheduling",
     "personalization": "bench.personalization",

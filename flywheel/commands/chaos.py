@@ -25,10 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", default="0.1,0.25,0.5,1,2,4", help="requests/s of the load ramp")
     parser.add_argument("--quick", action="store_true", help="1 run per fault, 1,000 fuzz cases, no load or soak")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: faults,fuzz,load,soak")
+    parser.add_argument("--faults", default="", help="comma-separated faults to run (default: every fault this "
+                                                     "broker can take; leader_kill needs --brokers 3)")
+    parser.add_argument("--engine", default="auto", choices=["auto", "torch", "echo"],
+                        help="the chaos worker's engine (echo: the event plane without a model)")
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from flywheel.chaos.faults import FAULTS, run_faults
+    from flywheel.chaos.faults import available_faults, run_faults
     from flywheel.chaos.fuzz import fuzz_all
     from flywheel.chaos.load import LoadSystem, ramp, soak
     settings = get_settings()
@@ -37,16 +41,21 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         args.runs, args.fuzz_cases = 1, 1000
         skip |= {"load", "soak"}
     out: dict[str, Any] = {}
+    faults = tuple(args.faults.split(",")) if args.faults else available_faults(settings)
     if "faults" not in skip:
         results = await run_faults(settings.model_copy(update={"topic_prefix": f"chaos{uuid.uuid4().hex[:6]}."}),
-                                   FAULTS, args.runs)
+                                   faults, args.runs, args.engine)
         out["faults"] = {f: {"runs": sum(r.fault == f for r in results),
                              "lost": sum(r.lost for r in results if r.fault == f),
                              "duplicated": sum(r.duplicated for r in results if r.fault == f),
                              "feedback_lost": sum(r.feedback_lost for r in results if r.fault == f),
                              "overspent": sum(r.overspent for r in results if r.fault == f),
-                             "ratings_match_replay": all(r.ratings_match_replay for r in results if r.fault == f)}
-                         for f in FAULTS}
+                             "ratings_match_replay": all(r.ratings_match_replay for r in results if r.fault == f),
+                             **({"resume_s": [round(r.resume_s or 0, 2) for r in results if r.fault == f],
+                                 "feedback_resume_s": [round(r.feedback_resume_s or 0, 2)
+                                                       for r in results if r.fault == f]}
+                                if any(r.resume_s is not None for r in results if r.fault == f) else {})}
+                         for f in faults}
     if "fuzz" not in skip:
         fuzz = await asyncio.to_thread(fuzz_all, args.fuzz_cases)
         out["fuzz"] = {"cases": fuzz["cases"], "crashes": fuzz["crashes"]}

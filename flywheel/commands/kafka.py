@@ -1,4 +1,4 @@
-"""``flywheel kafka start|stop|status``: the local single-node broker."""
+"""``flywheel kafka start|stop|status [--brokers 3]``: the local broker, or a local cluster of three."""
 
 from __future__ import annotations
 
@@ -14,21 +14,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["start", "stop", "status"])
     parser.add_argument("--broker", choices=["apache", "tansu", "auto"], default=None,
                         help="which local broker (default: FLYWHEEL_KAFKA_BROKER, auto = Apache if Java)")
+    parser.add_argument("--brokers", type=int, default=None,
+                        help="nodes (start: default 1; 3 = replication factor 3, min.insync.replicas 2; "
+                             "stop/status: as started)")
     parser.add_argument("--json", action="store_true")
 
 
-def local_kafka() -> LocalKafka:
+def local_kafka(brokers: int | None = None) -> LocalKafka:
     settings = get_settings()
-    return LocalKafka(settings.home, settings.kafka_port, settings.kafka_controller_port)
+    return LocalKafka(settings.home, settings.kafka_port, settings.kafka_controller_port, brokers=brokers)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = get_settings()
     setup_logging(settings.log_level)
-    broker = local_kafka()
+    broker = local_kafka(args.brokers if args.action == "start" else None)
     if args.action == "start":
         state = broker.start(args.broker or settings.kafka_broker)
-        print(f"{state.kind} broker {state.version} running on {state.bootstrap} (pid {state.pid})")
+        nodes = f"{len(state.nodes)} brokers" if state.nodes else "broker"
+        print(f"{state.kind} {nodes} {state.version} running on {state.bootstrap} (pid {state.pid})")
         return 0
     if args.action == "stop":
         stopped = broker.stop()

@@ -6,7 +6,7 @@ import argparse
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from infra.connect import kafka_config, topic_catalog
+from infra.connect import kafka_config, replication_factor, topic_catalog
 from infra.runtime import run_async, setup_logging
 from infra.settings import get_settings
 from streams.topics import ensure_topics
@@ -23,7 +23,7 @@ async def _run(action: str) -> int:
     try:
         catalog = topic_catalog(settings)
         if action == "create":
-            created = await ensure_topics(admin, catalog.specs(), settings.replication_factor)
+            created = await ensure_topics(admin, catalog.specs(), replication_factor(settings))
             print(f"created {len(created)} topics" + (f": {', '.join(created)}" if created else ""))
         else:
             existing = set(await admin.list_topics())

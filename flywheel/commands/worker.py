@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, choices=sorted(CATALOG))
     parser.add_argument("--worker-id", default=None, help="stable id (default: host-pid)")
     parser.add_argument("--policy", default="slo_odbs", choices=["slo_odbs", "fcfs_static", "fcfs_continuous", "sjf"])
-    parser.add_argument("--engine", default="auto", choices=["auto", "torch", "vllm"])
+    parser.add_argument("--engine", default="auto", choices=["auto", "torch", "vllm", "echo"],
+                        help="echo: answer instantly with the prompt's words (event-plane benchmarks)")
     parser.add_argument("--rollout-sample", type=float, default=None,
                         help="share of responses published as Rollouts (default: FLYWHEEL_ROLLOUT_SAMPLE)")
 

@@ -261,3 +261,75 @@ async def test_broker_restart_keeps_acknowledged_records(services, kafka_broker)
     finally:
         await consumer.stop()
     assert seen == {f"durable-{i}" for i in range(20)}
+
+
+async def test_readers_never_see_a_final_of_an_aborted_transaction(services):
+    """The post-pause read flake, root cause: the client read read_uncommitted, so it could answer
+    with a worker's final whose transaction then aborted (the worker re-answers it later, and a
+    read_committed check right after the answers finds it missing). Every EventConsumer now reads
+    committed events only, whatever it was told about the broker (none of these pass capabilities)."""
+    from flywheel.client import FlywheelClient
+
+    topic = services.catalog.responses
+    client = FlywheelClient(services)
+    await client.start()
+    doomed = EventProducer(services.kafka, services.serde, services.capabilities,
+                           transactional_id=f"{services.catalog.prefix}abort-test")
+    await doomed.start()
+    try:
+        request = samples()["InferenceRequest"] | {"request_id": "req-abort", "correlation_id": "req-abort"}
+        pending = await client.publish_request(request)
+        final = samples()["InferenceResponse"] | {"request_id": "req-abort", "correlation_id": "req-abort",
+                                                  "user_id": request["user_id"], "text": "from an aborted txn"}
+        await doomed.raw.begin_transaction()
+        await (await doomed.send(topic, final, key="req-abort"))  # appended to the log and acknowledged
+        await asyncio.sleep(1.0)  # long enough for a read_uncommitted reader to hand it out
+        await doomed.raw.abort_transaction()
+        await asyncio.sleep(1.0)
+        assert not pending.final.done(), "the client answered with a final of an aborted transaction"
+        async with doomed.raw.transaction():
+            await doomed.send(topic, final | {"text": "committed"}, key="req-abort")
+        answer = await asyncio.wait_for(pending.final, 30)
+        assert answer["text"] == "committed"
+        seen = [item.event["text"] for item in await _consume_all(services, topic, 10, timeout_s=5)
+                if item.event and item.event["request_id"] == "req-abort"]
+        assert seen == ["committed"]
+        in_log = [(await services.serde.deserialize(r.value))[1]["text"]
+                  for r in await read_topics(services.kafka, [topic], committed_only=False)]
+        assert "from an aborted txn" in in_log  # it was in the log all along, only never committed
+    finally:
+        await doomed.stop()
+        await client.close()
+
+
+async def test_typed_events_through_the_broker(services):
+    """Typed events in and out: same bytes on the topic as the dict path, typed on the way back."""
+    import msgspec
+
+    from streams.contracts import Feedback
+
+    topic = services.catalog.feedback
+    record = samples()["Feedback"] | {"event_id": "evt-typed", "request_id": "req-typed"}
+    event = msgspec.convert(normalise(record), Feedback)
+    producer = await _producer(services)
+    try:
+        await producer.send_and_wait(topic, event, key=event.user_id)
+        await producer.send_and_wait(topic, record, key=record["user_id"])
+    finally:
+        await producer.stop()
+    values = [r.value for r in await read_topics(services.kafka, [topic])
+              if (await services.serde.deserialize(r.value))[1]["event_id"] == "evt-typed"]
+    assert len(values) == 2 and values[0] == values[1]  # the typed and the dict path wrote the same bytes
+    consumer = EventConsumer(services.kafka, services.serde, [topic], group_id=None, typed=True)
+    await consumer.start()
+    try:
+        got: list = []
+        batches = consumer.batches(timeout_ms=300)
+        deadline = asyncio.get_running_loop().time() + 20
+        while asyncio.get_running_loop().time() < deadline and sum(
+                1 for item in got if item.typed is not None and item.typed.event_id == "evt-typed") < 2:
+            got += await anext(batches)
+    finally:
+        await consumer.stop()
+    typed = [item.typed for item in got if item.typed is not None and item.typed.event_id == "evt-typed"]
+    assert typed == [event, event] and all(item.event is None for item in got)

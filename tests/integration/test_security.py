@@ -4,6 +4,7 @@ and per-user isolation at the gateway."""
 from __future__ import annotations
 
 import logging
+import uuid
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -11,14 +12,16 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from pydantic import SecretStr
 
-from infra.localkafka import LocalKafka, SecurityListener, make_tls_material
+from infra.localkafka import LocalKafka, SecurityListener
 from infra.settings import Settings
+from infra.tls import make_tls_material
 from streams.kafka import KafkaConfig, probe_capabilities
 from streams.topics import TopicSpec, ensure_topics
-from tests.conftest import TEST_HOME
+from tests.conftest import TEST_HOME, TEST_KAFKA_PORT
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
-PLAIN_PORT, SECURE_PORT = 49092, 49094
+# Inside each engineer's own port range (the session's broker holds +0 and +1).
+PLAIN_PORT, SECURE_PORT = TEST_KAFKA_PORT + 4, TEST_KAFKA_PORT + 6
 USER, PASSWORD = "flywheel-admin", "s3cret-Scram-pass"
 STORE_PASSWORD = "changeit-tls"
 
@@ -45,19 +48,20 @@ async def test_scram_over_tls_round_trip(secure_broker):
     config = secure_config(secure_broker)
     caps = await probe_capabilities(config)
     assert caps.transactions  # the secure listener is the same Apache broker
+    topic = f"secure.topic.{uuid.uuid4().hex[:8]}"  # the broker's data outlives a test run
     admin = AIOKafkaAdminClient(**config.client_kwargs())
     await admin.start()
     try:
-        await ensure_topics(admin, [TopicSpec("secure.topic", "Reward", "request_id", 1)])
+        await ensure_topics(admin, [TopicSpec(topic, "Reward", "request_id", 1)])
     finally:
         await admin.close()
     producer = AIOKafkaProducer(**config.client_kwargs(), acks="all")
     await producer.start()
     try:
-        await producer.send_and_wait("secure.topic", b"over tls", key=b"k")
+        await producer.send_and_wait(topic, b"over tls", key=b"k")
     finally:
         await producer.stop()
-    consumer = AIOKafkaConsumer("secure.topic", **config.client_kwargs(), group_id=None,
+    consumer = AIOKafkaConsumer(topic, **config.client_kwargs(), group_id=None,
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:

@@ -17,13 +17,13 @@ from streams.dlq import DeadLetters
 from streams.kafka import EventConsumer, EventProducer, probe_capabilities
 from streams.replay import read_topics
 from streams.stage import StageConfig, run_stage
-from tests.conftest import TEST_HOME
+from tests.conftest import TEST_HOME, TEST_KAFKA_PORT
 from tests.factories import samples
 from tests.integration.conftest import make_settings
 from tests.unit.streams.test_contracts import normalise
 
 pytestmark = [pytest.mark.integration, pytest.mark.tansu]
-TANSU_PORT = 39092
+TANSU_PORT = TEST_KAFKA_PORT + 2  # inside each engineer's own port range (the session's broker has +0, +1)
 
 
 @pytest.fixture(scope="module")

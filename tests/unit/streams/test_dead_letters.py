@@ -1,0 +1,39 @@
+"""Dead letters carry the envelope of the event that failed, whether a dict or a typed event."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from core.errors import ValidationError
+from streams.contracts import InferenceRequest
+from streams.dlq import DeadLetters
+from tests.factories import samples
+
+
+class RecordingProducer:
+    """A fake producer: keeps what would have been sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any], Any]] = []
+
+    async def send_and_wait(self, topic: str, record: dict[str, Any], key: Any = None) -> None:
+        self.sent.append((topic, record, key))
+
+
+@pytest.mark.parametrize("typed", [False, True])
+async def test_dead_letter_carries_the_envelope(typed):
+    producer = RecordingProducer()
+    letters = DeadLetters(producer, "flywheel.dlq.router", "router")  # type: ignore[arg-type]
+    event = samples()["InferenceRequest"]
+    if typed:
+        event = msgspec.convert(event | {"event_time": 1}, InferenceRequest)
+    await letters.publish(topic="flywheel.requests", partition=2, offset=7, key=b"user-1", value=b"\x00bad",
+                          headers=[("traceparent", b"x")], error=ValidationError("max_tokens=0"), event=event)
+    [(topic, record, key)] = producer.sent
+    assert topic == "flywheel.dlq.router" and key == b"user-1"
+    assert (record["correlation_id"], record["tenant_id"], record["user_id"]) == ("req-1", "tenant-a", "user-1")
+    assert record["reason"] == "max_tokens=0" and record["error_type"] == "ValidationError"
+    assert (record["origin_topic"], record["origin_partition"], record["origin_offset"]) == ("flywheel.requests", 2, 7)
