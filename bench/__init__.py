@@ -11,6 +11,7 @@ from __future__ import annotations
 BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline",
     "routing": "bench.routing",
+    "routing-data": "bench.routing_generator",
     "scheduling": "bench.scheduling",
     "personalization": "bench.personalization",
     "personalization-live": "bench.personalization_live",

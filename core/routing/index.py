@@ -218,6 +218,21 @@ class NeighbourIndex:
         ids = [self._lists[int(i)].ids[: self._lists[int(i)].size] for i in near]
         return _top(np.concatenate(sims), np.concatenate(ids), n)
 
+    def search_many(self, queries: np.ndarray, n: int) -> list[np.ndarray]:
+        """Rows of the ``n`` nearest per query, as ``search_rows`` returns them (batched when exact)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        unit = _unit_rows(queries, self.dim)
+        if self._centroids is not None:
+            return [self.search_rows(q, n)[0] for q in unit]
+        size = len(self._keys)
+        ids = np.arange(size, dtype=np.int64)
+        out: list[np.ndarray] = []
+        for start in range(0, len(unit), 256):
+            sims = unit[start:start + 256] @ self._rows.data[:size].T
+            out.extend(_top(row, ids, n)[0] for row in sims)
+        return out
+
     def search_exact(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force reference for :meth:`search_rows` (tests and recall measurements)."""
         q = _unit_rows(query, self.dim)[0]
