@@ -112,7 +112,8 @@ class Router:
         self.name = algorithm_of(self.config)
         c = self.config
         self.version = (f"eagle-k{c.k:g}-n{c.neighbours}-p{c.global_weight:g}" if isinstance(c, EagleConfig)
-                        else f"local_quality-n{c.neighbours}-w{c.wide_neighbours}-h{c.horizon}-e{c.explore_share:g}")
+                        else f"local_quality-n{c.neighbours}-c{'.'.join(map(str, c.clusters))}-h{c.horizon}"
+                        f"-e{c.explore_share:g}")
         self.applier: FeedbackApplier | None = None
         self.ready = asyncio.Event()
 

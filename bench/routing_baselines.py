@@ -20,7 +20,8 @@ its main capacity knob, tuned the same way by nested cross-validation (``bench/r
   ratings mapped to quality by ``core.routing.budget.expected_quality``. With more than two models
   the local table is replayed once in stream order (the paper's reading; 32 shuffled replays of
   N * K(K-1)/2 games per query would cost ~50 ms per decision at twelve models).
-* ``local_quality``: the default router (``core.routing.local_quality``), neighbours in {10, 20, 40}.
+* ``local_quality``: the default router (``core.routing.local_quality``), cluster levels in
+  {(8), (8, 32), (8, 32, 128)} (the finest topic resolution).
 """
 
 from __future__ import annotations
@@ -223,10 +224,10 @@ class LocalQualityRouter:
         self.ranker.apply_many(self.items(x, outcomes, mask, len(self.ranker.index)))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        rows = self.ranker.index.search_many(x, self.config.wide_neighbours)
+        rows = self.ranker.index.search_many(x, self.config.neighbours)
         out = np.empty((len(x), self._k))
         for i, r in enumerate(rows):
-            out[i] = self.ranker.estimate_for_rows(r).quality
+            out[i] = self.ranker.estimate_for(x[i], r).quality
         return out
 
 
@@ -279,8 +280,8 @@ def grid(name: str, seed: int) -> list[tuple[dict[str, Any], Router]]:
     if name == "eagle":
         return [({"neighbours": n}, EagleRouter(dataclasses.replace(BENCH_EAGLE, neighbours=n))) for n in (10, 20, 40)]
     if name == "local_quality":
-        return [({"neighbours": n}, LocalQualityRouter(dataclasses.replace(BENCH_LOCAL_QUALITY, neighbours=n)))
-                for n in (10, 20, 40)]
+        return [({"clusters": list(c)}, LocalQualityRouter(dataclasses.replace(BENCH_LOCAL_QUALITY, clusters=c)))
+                for c in ((8,), (8, 32), (8, 32, 128))]
     raise ValueError(f"unknown router {name!r}")
 
 

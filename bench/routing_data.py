@@ -256,9 +256,9 @@ def cached_embeddings(prompts: list[str], cache_dir: Path, embed: Embed | None =
     import time
 
     if embed is None:
-        from core.embedding import MODEL_NAME, get_embedder
+        from core.embedding import MODEL_NAME
 
-        embed, model_name = get_embedder().embed, MODEL_NAME
+        model_name = MODEL_NAME
     tag = hashlib.sha256((model_name or "custom").encode()).hexdigest()[:12]
     path = cache_dir / f"prompt-embeddings-{tag}.npz"
     known: dict[str, np.ndarray] = {}
@@ -269,6 +269,10 @@ def cached_embeddings(prompts: list[str], cache_dir: Path, embed: Embed | None =
     missing = list(dict.fromkeys(p for p, k in zip(prompts, keys, strict=True) if k not in known))
     seconds: float | None = None
     if missing:
+        if embed is None:  # load the model only when something is missing
+            from core.embedding import get_embedder
+
+            embed = get_embedder().embed
         start = time.perf_counter()
         for i in range(0, len(missing), 1024):
             chunk = missing[i:i + 1024]

@@ -61,7 +61,7 @@ class Profile:
     specialists: int = 3
     specialist_topics: int = 2
     specialist_boost: float = 1.5
-    offset: float = 1.0
+    offset: float = 0.3
     difficulty_scale: float = 1.3
     difficulty_noise: float = 0.8
 

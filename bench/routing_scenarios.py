@@ -23,7 +23,7 @@ Protocol (every router sees the same stream, embeddings and feedback; docs/bench
 
 ``local_quality`` runs with its live exploration (the exploration draw is seeded by a request id
 per position); ``local_quality_greedy`` is the same router without exploration, which isolates
-what exploration does.
+what exploration does, and ``local_quality_recency`` the same with a 1,000-item half-life.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ DEGRADED_ACCURACY = 0.25
 SPARSE_SHARE = 0.10
 ADVERSARIAL_SHARE = 0.05
 LIVE_LOCAL_QUALITY = LocalQualityConfig()
+RECENCY_HORIZON = 1000
+"""Half-life (feedback items) of the ``local_quality_recency`` variant, which shows what forgetting buys."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,9 @@ def run_scenario(data: RoutingData, x_all: np.ndarray, scenario: str, seed: int,
                                                                              expected_cost, explore=True)
         choices["local_quality_greedy"], _ = _state_choices(LIVE_LOCAL_QUALITY, stream, data, x, expected_cost,
                                                             explore=False)
+        recency = dataclasses.replace(LIVE_LOCAL_QUALITY, horizon=RECENCY_HORIZON)
+        choices["local_quality_recency"], explored["local_quality_recency"] = _state_choices(
+            recency, stream, data, x, expected_cost, explore=True)
     if "eagle" in routers:
         choices["eagle"], _ = _state_choices(eagle, stream, data, x, expected_cost, explore=False)
     for name in (r for r in LEARNED if r in routers):

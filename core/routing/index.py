@@ -138,6 +138,12 @@ class NeighbourIndex:
     def row(self, key: str) -> int:
         return self._row_of[key]
 
+    def head(self, n: int) -> np.ndarray:
+        """Read-only view of the first ``n`` unit vectors, in insertion order."""
+        view: np.ndarray = self._rows.data[:n]
+        view.flags.writeable = False
+        return view
+
     def vector(self, key: str) -> np.ndarray:
         out: np.ndarray = self._rows.data[self._row_of[key]].copy()
         return out

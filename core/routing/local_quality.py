@@ -1,24 +1,33 @@
-"""Local quality: each model's success rate near the prompt, shrunk towards wider evidence.
+"""Local quality: each model's success rate near the prompt, shrunk towards its cluster and global rates.
 
 Flywheel's default router (docs/ROUTING.md has the evaluation that chose it over Eagle). For a
 prompt with embedding ``x`` and each model ``m``:
 
 * **global** ``g_m = (S_m + c_g * q0) / (W_m + c_g)`` over all feedback for ``m``;
-* **topic** ``t_m = (S^wide_m + c_w * g_m) / (W^wide_m + c_w)`` over the ``wide_neighbours``
-  nearest past prompts (a data-driven topic: no labels needed);
-* **local** ``q_m = (S^near_m + c_n * t_m) / (W^near_m + c_n)`` over the ``neighbours`` nearest,
+* **clusters**, coarse to fine (``clusters = (8, 32, 128)``): ``t_m = (S^c_m + c_c * parent_m) /
+  (W^c_m + c_c)`` over the prompts of the cluster ``c`` that ``x`` falls in, where ``parent`` is
+  the next coarser level (the global rate for the coarsest): topics found from the embeddings;
+* **local** ``q_m = (S^near_m + c_n * t_m) / (W^near_m + c_n)`` over the ``neighbours`` nearest
+  past prompts, with ``t`` the finest cluster level;
 
 where ``S`` / ``W`` are sums of outcome x weight / weight of the observations recorded on those
 prompts. ``q_m`` is a probability that ``m`` answers well, so ``lambda * q - cost`` is directly
 meaningful (no rating-to-quality map), and a model nobody has rated near ``x`` falls back to its
-topic, then global, then prior rate ``q0``. Each level's estimate counts as ``W + min(c, n_parent)``
-observations, so a prior is never more certain than the level it comes from; that count is the
-posterior's strength for exploration.
+cluster, then global, then prior rate ``q0``. Each level's estimate counts as
+``W + min(c, strength of its parent)`` observations, so a prior is never more certain than the
+level it comes from; that count is the posterior's strength for exploration.
+
+**Clusters.** Spherical k-means (``index.spherical_kmeans``, seeded) over the prompts seen so far,
+retrained when the number of distinct prompts reaches 64, 128, 256, ... (a level with ``C``
+clusters uses ``min(C, prompts // 8)`` of them, and none below 2). A retrain reassigns every
+prompt and rebuilds the cluster sums from the per-prompt sums; between retrains a new prompt
+joins its nearest centroid. Retrains happen at fixed stream positions, so the clusters are a
+function of the ordered stream like everything else (a retrain at 100k prompts costs about a
+second; amortised O(1) per prompt, as the index's).
 
 **Feedback.** Every kind of feedback is an :class:`Observation` (model, outcome in [0, 1],
 weight): a thumbs vote or a rating observes the model that answered, a pairwise preference
 observes both models (winner 1, loser 0, tie 0.5), graded scores observe every model scored.
-Unlike pool-relative ELO, one bandit observation moves its own model by ``weight / (W + c)``.
 
 **Recency.** With ``horizon = h > 0``, an observation's weight halves every ``h`` feedback items
 after it (so estimates follow drift); ``0`` keeps everything. Weights are stored pre-multiplied
@@ -32,8 +41,9 @@ live model within the request's budget. Hence P(explore | request) <= ``explore_
 request, and the decision is reproducible from (state, request id).
 
 **State and determinism.** The state is a pure function of the ordered feedback stream: updates
-are fixed-order float additions, and the index is deterministic (``index.py``). Replaying the
-stream from an empty ranker reproduces :meth:`snapshot` exactly.
+are fixed-order float additions, cluster retrains happen at fixed stream positions on seeded
+samples, and the index is deterministic (``index.py``). Replaying the stream from an empty ranker
+reproduces :meth:`snapshot` exactly.
 """
 
 from __future__ import annotations
@@ -41,28 +51,33 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from core.routing.budget import RouteChoice, choose
 from core.routing.feedback import ObservationItem
-from core.routing.index import NeighbourIndex
+from core.routing.index import NeighbourIndex, spherical_kmeans
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 RESCALE_EVERY = 256
 """Half-lives between exact power-of-two rescales of the stored weights (2**256 fits a double)."""
+FIRST_CLUSTERING = 64
+PROMPTS_PER_CLUSTER = 8
+CLUSTER_SAMPLE_PER_CENTROID = 32
+KMEANS_ITERATIONS = 8
 
 
 @dataclass(frozen=True)
 class LocalQualityConfig:
     neighbours: int = 20
     """Nearest past prompts in the local estimate."""
-    wide_neighbours: int = 200
-    """Nearest past prompts in the topic-level estimate (>= ``neighbours``)."""
-    local_prior: float = 4.0
-    """c_n: pseudo-observations of the topic estimate in the local one."""
-    wide_prior: float = 8.0
-    """c_w: pseudo-observations of the global estimate in the topic one."""
+    local_prior: float = 16.0
+    """c_n: pseudo-observations of the finest cluster estimate in the local one."""
+    clusters: tuple[int, ...] = (8, 32, 128)
+    """Cluster counts of the levels between global and local, coarse to fine; () = none."""
+    cluster_prior: float = 16.0
+    """c_c: pseudo-observations of the parent level in a cluster estimate."""
     global_prior: float = 2.0
     """c_g: pseudo-observations of ``prior_quality`` in a model's global estimate."""
     prior_quality: float = 0.5
@@ -73,13 +88,17 @@ class LocalQualityConfig:
     """Upper bound of P(a request explores); 0 disables exploration."""
     explore_seed: int = 0
     """Seed of the per-request exploration hash."""
+    cluster_seed: int = 0
+    """Seed of the k-means samples and initial centroids."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.neighbours <= self.wide_neighbours:
-            raise ValueError(f"need 1 <= neighbours <= wide_neighbours; got {self.neighbours}, "
-                             f"{self.wide_neighbours}")
-        if min(self.local_prior, self.wide_prior, self.global_prior) <= 0:
-            raise ValueError(f"priors must be > 0; got local={self.local_prior} wide={self.wide_prior} "
+        object.__setattr__(self, "clusters", tuple(int(c) for c in self.clusters))  # JSON gives a list
+        if self.neighbours < 1:
+            raise ValueError(f"neighbours must be >= 1, got {self.neighbours}")
+        if any(c < 2 for c in self.clusters) or list(self.clusters) != sorted(set(self.clusters)):
+            raise ValueError(f"clusters must be increasing counts >= 2, got {self.clusters}")
+        if min(self.local_prior, self.cluster_prior, self.global_prior) <= 0:
+            raise ValueError(f"priors must be > 0; got local={self.local_prior} cluster={self.cluster_prior} "
                              f"global={self.global_prior}")
         if not 0.0 < self.prior_quality < 1.0:
             raise ValueError(f"prior_quality must be within (0, 1), got {self.prior_quality}")
@@ -87,6 +106,11 @@ class LocalQualityConfig:
             raise ValueError(f"horizon must be >= 0, got {self.horizon}")
         if not 0.0 <= self.explore_share <= 1.0:
             raise ValueError(f"explore_share must be within [0, 1], got {self.explore_share}")
+
+
+def strength_bound(config: LocalQualityConfig) -> float:
+    """The posterior strength of a model nobody has rated (the weakest certainty)."""
+    return min(config.local_prior, config.cluster_prior, config.global_prior)
 
 
 @dataclass(frozen=True)
@@ -97,7 +121,8 @@ class Estimate:
     """Local posterior mean q_m."""
     strength: np.ndarray
     """Pseudo-observations behind q_m (the Beta posterior's alpha + beta)."""
-    topic: np.ndarray
+    cluster: np.ndarray
+    """The finest cluster level's estimate (the global one when no level is trained yet)."""
     global_: np.ndarray
 
 
@@ -107,36 +132,42 @@ def explore_draw(seed: int, request_id: str) -> tuple[float, int]:
     return int.from_bytes(digest[:8], "big") / 2.0**64, int.from_bytes(digest[8:16], "big")
 
 
-class _Columns:
-    """A growable (rows x models) float64 matrix pair of weighted outcome sums and weights."""
+def _grow(matrix: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    r, c = matrix.shape
+    if rows <= r and cols <= c:
+        return matrix
+    grown = np.zeros((max(rows, 2 * r) if rows > r else r, max(cols, 2 * c) if cols > c else c))
+    grown[:r, :c] = matrix
+    return grown
 
-    def __init__(self) -> None:
-        self.sums = np.zeros((64, 4))
-        self.weights = np.zeros((64, 4))
 
-    def ensure(self, rows: int, models: int) -> None:
-        r, m = self.sums.shape
-        if rows <= r and models <= m:
-            return
-        shape = (max(rows, 2 * r) if rows > r else r, max(models, 2 * m) if models > m else m)
-        for name in ("sums", "weights"):
-            grown = np.zeros(shape)
-            old = getattr(self, name)
-            grown[: old.shape[0], : old.shape[1]] = old
-            setattr(self, name, grown)
+class _Level:
+    """One cluster level: centroids, each prompt's cluster, per-cluster sums (scaled units)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.centroids: np.ndarray | None = None
+        self.assign = np.zeros(64, dtype=np.int64)
+        self.sums = np.zeros((1, 4))
+        self.weights = np.zeros((1, 4))
 
 
 class LocalQualityRanker:
-    """Local/topic/global success-rate estimates over a feedback stream (see the module docstring)."""
+    """Local/cluster/global success-rate estimates over a feedback stream (see the module docstring)."""
 
     def __init__(self, config: LocalQualityConfig | None = None, index: NeighbourIndex | None = None) -> None:
         self.config = config or LocalQualityConfig()
         self.index = index if index is not None else NeighbourIndex()
         self._models: list[str] = []
         self._model_idx: dict[str, int] = {}
-        self._rows = _Columns()
-        self._global_sums: list[float] = []
-        self._global_weights: list[float] = []
+        self._sums = np.zeros((64, 4))
+        self._weights = np.zeros((64, 4))
+        self._global_sums = np.zeros(4)
+        self._global_weights = np.zeros(4)
+        self._levels = [_Level(c) for c in self.config.clusters]
+        self._rows_seen = 0
+        """Distinct prompts absorbed so far (index rows 0 .. rows_seen - 1)."""
+        self._next_clustering = FIRST_CLUSTERING
         self._scale_base = 0
         """Feedback count at which stored weights are worth 1 (moves on every rescale)."""
         self.applied = 0
@@ -159,8 +190,15 @@ class LocalQualityRanker:
             idx = len(self._models)
             self._models.append(name)
             self._model_idx[name] = idx
-            self._global_sums.append(0.0)
-            self._global_weights.append(0.0)
+            k = len(self._models)
+            self._sums = _grow(self._sums, self._sums.shape[0], k)
+            self._weights = _grow(self._weights, self._weights.shape[0], k)
+            if k > len(self._global_sums):
+                self._global_sums = np.concatenate([self._global_sums, np.zeros(len(self._global_sums))])
+                self._global_weights = np.concatenate([self._global_weights, np.zeros(len(self._global_weights))])
+            for level in self._levels:
+                level.sums = _grow(level.sums, level.sums.shape[0], k)
+                level.weights = _grow(level.weights, level.weights.shape[0], k)
         return idx
 
     def _now_factor(self) -> float:
@@ -170,15 +208,16 @@ class LocalQualityRanker:
 
     def global_ratings(self) -> dict[str, float]:
         """Each model's global success-rate estimate ``g_m`` (the decision record's global rating)."""
-        return dict(zip(self._models, self._global_estimate().tolist(), strict=True))
+        g, _ = self._global_estimate()
+        return dict(zip(self._models, g.tolist(), strict=True))
 
-    def _global_estimate(self) -> np.ndarray:
+    def _global_estimate(self) -> tuple[np.ndarray, np.ndarray]:
         c = self.config
+        k = len(self._models)
         f = self._now_factor()
-        s = np.asarray(self._global_sums) * f
-        w = np.asarray(self._global_weights) * f
-        out: np.ndarray = (s + c.global_prior * c.prior_quality) / (w + c.global_prior)
-        return out
+        w = self._global_weights[:k] * f
+        g: np.ndarray = (self._global_sums[:k] * f + c.global_prior * c.prior_quality) / (w + c.global_prior)
+        return g, w + c.global_prior
 
     def apply(self, item: ObservationItem) -> None:
         self.apply_many((item,))
@@ -203,60 +242,106 @@ class LocalQualityRanker:
         for item in batch:
             self._absorb(item)
 
+    def _see_rows(self, upto: int) -> None:
+        """Register index rows ``rows_seen .. upto - 1`` in order: cluster them or retrain."""
+        while self._rows_seen < upto:
+            row = self._rows_seen
+            self._rows_seen += 1
+            self._sums = _grow(self._sums, self._rows_seen, self._sums.shape[1])
+            self._weights = _grow(self._weights, self._rows_seen, self._weights.shape[1])
+            if self._rows_seen == self._next_clustering:
+                self._cluster(self._rows_seen)
+                self._next_clustering *= 2
+                continue
+            vector = self.index.head(row + 1)[row]
+            for level in self._levels:
+                if level.centroids is not None:
+                    level.assign = _grow_ints(level.assign, row + 1)
+                    level.assign[row] = int(np.argmax(level.centroids @ vector))
+
+    def _cluster(self, n: int) -> None:
+        """Retrain every level on the first ``n`` prompts and rebuild its sums from the prompts' sums."""
+        vectors = self.index.head(n)
+        k = self._sums.shape[1]
+        for depth, level in enumerate(self._levels):
+            count = min(level.count, n // PROMPTS_PER_CLUSTER)
+            if count < 2:
+                continue
+            rng = np.random.default_rng([self.config.cluster_seed, n, depth])
+            size = min(n, CLUSTER_SAMPLE_PER_CENTROID * count)
+            sample = vectors[np.sort(rng.choice(n, size=size, replace=False))]
+            level.centroids = spherical_kmeans(sample, count, KMEANS_ITERATIONS,
+                                               self.config.cluster_seed + n + depth)
+            level.assign = _grow_ints(np.argmax(vectors @ level.centroids.T, axis=1).astype(np.int64), n)
+            level.sums = np.zeros((count, k))
+            level.weights = np.zeros((count, k))
+            np.add.at(level.sums, level.assign[:n], self._sums[:n])
+            np.add.at(level.weights, level.assign[:n], self._weights[:n])
+
     def _absorb(self, item: ObservationItem) -> None:
         for o in item.observations:
             self._model(o.model)
         row = self.index.row(item.prompt_key)
-        self._rows.ensure(len(self.index), len(self._models))
+        self._see_rows(row + 1)
         h = self.config.horizon
         scale = 1.0 if h == 0 else 2.0 ** ((self.applied - self._scale_base) / h)
-        sums, weights = self._rows.sums, self._rows.weights
+        clusters = [(level, int(level.assign[row])) for level in self._levels if level.centroids is not None]
         for o in item.observations:
             m = self._model_idx[o.model]
             w = o.weight * scale
-            sums[row, m] += w * o.outcome
-            weights[row, m] += w
-            self._global_sums[m] += w * o.outcome
+            s = w * o.outcome
+            self._sums[row, m] += s
+            self._weights[row, m] += w
+            self._global_sums[m] += s
             self._global_weights[m] += w
+            for level, cluster in clusters:
+                level.sums[cluster, m] += s
+                level.weights[cluster, m] += w
         self.applied += 1
         self.last_feedback_id = item.feedback_id
         if h and self.applied - self._scale_base >= RESCALE_EVERY * h:
             # An exact power of two: every stored value keeps its mantissa, so replay is unaffected.
             shrink = 2.0 ** -RESCALE_EVERY
-            self._rows.sums *= shrink
-            self._rows.weights *= shrink
-            self._global_sums = [v * shrink for v in self._global_sums]
-            self._global_weights = [v * shrink for v in self._global_weights]
+            for array in (self._sums, self._weights, self._global_sums, self._global_weights,
+                          *(a for level in self._levels for a in (level.sums, level.weights))):
+                np.multiply(array, shrink, out=array)
             self._scale_base += RESCALE_EVERY * h
 
     # --------------------------------------------------------------- ranking
 
     def neighbour_rows(self, embedding: np.ndarray) -> np.ndarray:
-        """Index rows of the ``wide_neighbours`` nearest past prompts, most similar first."""
+        """Index rows of the ``neighbours`` nearest past prompts, most similar first."""
         if len(self.index) == 0:
             return np.empty(0, dtype=np.int64)
-        rows, _ = self.index.search_rows(embedding, self.config.wide_neighbours)
+        rows, _ = self.index.search_rows(embedding, self.config.neighbours)
         return rows
 
-    def estimate_for_rows(self, rows: np.ndarray) -> Estimate:
+    def estimate_for(self, embedding: np.ndarray, rows: np.ndarray) -> Estimate:
         """Estimates when the nearest rows (most similar first) are already known."""
         c = self.config
         k = len(self._models)
         f = self._now_factor()
-        g = self._global_estimate()
-        g_strength = np.asarray(self._global_weights) * f + c.global_prior
+        parent, parent_strength = self._global_estimate()
+        g = parent
+        unit = np.asarray(embedding, dtype=np.float32)
+        unit = unit / max(float(np.linalg.norm(unit)), 1e-12)
+        for level in self._levels:
+            if level.centroids is None:
+                continue
+            cluster = int(np.argmax(level.centroids @ unit))
+            w = level.weights[cluster, :k] * f
+            estimate = (level.sums[cluster, :k] * f + c.cluster_prior * parent) / (w + c.cluster_prior)
+            parent_strength = w + np.minimum(c.cluster_prior, parent_strength)
+            parent = estimate
         near = rows[: c.neighbours]
-        sums, weights = self._rows.sums[:, :k], self._rows.weights[:, :k]
-        wide_s, wide_w = sums[rows].sum(axis=0) * f, weights[rows].sum(axis=0) * f
-        near_s, near_w = sums[near].sum(axis=0) * f, weights[near].sum(axis=0) * f
-        topic = (wide_s + c.wide_prior * g) / (wide_w + c.wide_prior)
-        topic_strength = wide_w + np.minimum(c.wide_prior, g_strength)
-        quality = (near_s + c.local_prior * topic) / (near_w + c.local_prior)
-        strength = near_w + np.minimum(c.local_prior, topic_strength)
-        return Estimate(quality, strength, topic, g)
+        near_s = self._sums[near, :k].sum(axis=0) * f
+        near_w = self._weights[near, :k].sum(axis=0) * f
+        quality = (near_s + c.local_prior * parent) / (near_w + c.local_prior)
+        strength = near_w + np.minimum(c.local_prior, parent_strength)
+        return Estimate(quality, strength, parent, g)
 
     def estimate(self, embedding: np.ndarray) -> Estimate:
-        return self.estimate_for_rows(self.neighbour_rows(embedding))
+        return self.estimate_for(embedding, self.neighbour_rows(embedding))
 
     def rank(self, embedding: np.ndarray) -> dict[str, float]:
         """Local success-rate estimate of every rated model for a prompt embedding."""
@@ -280,15 +365,15 @@ class LocalQualityRanker:
             raise ValueError("route needs at least one candidate")
         c = self.config
         est = self.estimate(embedding)
-        quality, strength, topic, glob = {}, {}, {}, {}
+        quality, strength, cluster, glob = {}, {}, {}, {}
         for m in candidates:
             i = self._model_idx.get(m)
             if i is None:
-                quality[m] = topic[m] = glob[m] = c.prior_quality
+                quality[m] = cluster[m] = glob[m] = c.prior_quality
                 strength[m] = strength_bound(c)
             else:
                 quality[m], strength[m] = float(est.quality[i]), float(est.strength[i])
-                topic[m], glob[m] = float(est.topic[i]), float(est.global_[i])
+                cluster[m], glob[m] = float(est.cluster[i]), float(est.global_[i])
         costs = dict(candidates)
         model, fallbacks, reason = choose(quality, costs, budget_usd, willingness_to_pay, live_models)
         exploratory = False
@@ -309,49 +394,66 @@ class LocalQualityRanker:
 
     # ------------------------------------------------------------ persistence
 
-    def snapshot(self) -> dict[str, object]:
-        """JSON-serialisable state (not the index vectors); sparse rows keyed by prompt key."""
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-serialisable state (not the index vectors); sparse prompt cells keyed by prompt key."""
         k = len(self._models)
-        n = len(self.index)
-        sums, weights = self._rows.sums[:n, :k], self._rows.weights[:n, :k]
-        rows, cols = np.nonzero(weights)
+        n = self._rows_seen
+        rows, cols = np.nonzero(self._weights[:n, :k])
         keys = self.index.keys
         return {
             "version": SNAPSHOT_VERSION,
             "config": asdict(self.config),
             "models": list(self._models),
-            "cells": [[keys[r], c, float(sums[r, c]), float(weights[r, c])]
-                      for r, c in zip(rows.tolist(), cols.tolist(), strict=True)],
-            "global_sums": list(self._global_sums),
-            "global_weights": list(self._global_weights),
+            "cells": [[keys[r], col, float(self._sums[r, col]), float(self._weights[r, col])]
+                      for r, col in zip(rows.tolist(), cols.tolist(), strict=True)],
+            "global_sums": self._global_sums[:k].tolist(),
+            "global_weights": self._global_weights[:k].tolist(),
+            "levels": [None if level.centroids is None else {
+                "centroids": level.centroids.tolist(), "assign": level.assign[:n].tolist(),
+                "sums": level.sums[:, :k].tolist(), "weights": level.weights[:, :k].tolist()}
+                for level in self._levels],
+            "rows_seen": n,
+            "next_clustering": self._next_clustering,
             "scale_base": self._scale_base,
             "applied": self.applied,
             "last_feedback_id": self.last_feedback_id,
         }
 
     @classmethod
-    def from_snapshot(cls, data: Mapping[str, object], index: NeighbourIndex | None = None) -> LocalQualityRanker:
+    def from_snapshot(cls, data: Mapping[str, Any], index: NeighbourIndex | None = None) -> LocalQualityRanker:
         """Restore a ranker; pass the index rebuilt from stored vectors (keys = prompt keys)."""
         if data.get("version") != SNAPSHOT_VERSION:
             raise ValueError(f"unsupported snapshot version {data.get('version')!r}")
-        ranker = cls(LocalQualityConfig(**data["config"]), index)  # type: ignore[arg-type]
-        for name in data["models"]:  # type: ignore[attr-defined]
-            ranker._model(str(name))
-        ranker._rows.ensure(len(ranker.index), len(ranker._models))
-        for key, col, s, w in data["cells"]:  # type: ignore[attr-defined]
+        ranker = cls(LocalQualityConfig(**data["config"]), index)
+        ranker.add_models(str(name) for name in data["models"])
+        n = int(data["rows_seen"])
+        ranker._rows_seen = n
+        ranker._sums = _grow(ranker._sums, n, ranker._sums.shape[1])
+        ranker._weights = _grow(ranker._weights, n, ranker._weights.shape[1])
+        for key, col, s, w in data["cells"]:
             row = ranker.index.row(str(key))
-            ranker._rows.sums[row, int(col)] = float(s)
-            ranker._rows.weights[row, int(col)] = float(w)
-        ranker._global_sums = [float(v) for v in data["global_sums"]]  # type: ignore[attr-defined]
-        ranker._global_weights = [float(v) for v in data["global_weights"]]  # type: ignore[attr-defined]
-        ranker._scale_base = int(data["scale_base"])  # type: ignore[call-overload]
-        ranker.applied = int(data["applied"])  # type: ignore[call-overload]
-        ranker.last_feedback_id = data["last_feedback_id"]  # type: ignore[assignment]
+            ranker._sums[row, int(col)] = float(s)
+            ranker._weights[row, int(col)] = float(w)
+        k = len(ranker._models)
+        ranker._global_sums[:k] = np.asarray(data["global_sums"], dtype=np.float64)
+        ranker._global_weights[:k] = np.asarray(data["global_weights"], dtype=np.float64)
+        for level, stored in zip(ranker._levels, data["levels"], strict=True):
+            if stored is None:
+                continue
+            level.centroids = np.asarray(stored["centroids"], dtype=np.float32)
+            level.assign = _grow_ints(np.asarray(stored["assign"], dtype=np.int64), n)
+            level.sums = _grow(np.asarray(stored["sums"], dtype=np.float64), 0, ranker._sums.shape[1])
+            level.weights = _grow(np.asarray(stored["weights"], dtype=np.float64), 0, ranker._sums.shape[1])
+        ranker._next_clustering = int(data["next_clustering"])
+        ranker._scale_base = int(data["scale_base"])
+        ranker.applied = int(data["applied"])
+        ranker.last_feedback_id = data["last_feedback_id"]
         return ranker
 
 
-def strength_bound(config: LocalQualityConfig) -> float:
-    """The posterior strength of a model nobody has rated (the weakest certainty)."""
-    return min(config.local_prior, config.wide_prior, config.global_prior)
-
-
+def _grow_ints(values: np.ndarray, size: int) -> np.ndarray:
+    if size <= len(values):
+        return values
+    grown = np.zeros(max(size, 2 * len(values)), dtype=np.int64)
+    grown[: len(values)] = values
+    return grown

@@ -19,24 +19,43 @@ def item(i: int, key: str, obs: list[tuple[str, float, float]], vec=None) -> Obs
     return ObservationItem(f"f{i}", key, tuple(Observation(m, y, w) for m, y, w in obs), vec)
 
 
-def test_estimates_follow_the_three_level_formula():
-    config = LocalQualityConfig(neighbours=1, wide_neighbours=2, local_prior=2.0, wide_prior=4.0, global_prior=1.0,
-                                prior_quality=0.5, explore_share=0.0)
+def test_estimates_follow_the_level_formulas():
+    config = LocalQualityConfig(neighbours=1, local_prior=2.0, clusters=(), global_prior=1.0, prior_quality=0.5,
+                                explore_share=0.0)
     ranker = LocalQualityRanker(config, NeighbourIndex(dim=DIM))
     v = unit_vectors(3, DIM, seed=1)
     ranker.apply(item(0, "near", [("a", 1.0, 1.0), ("b", 0.0, 1.0)], v[0]))
-    ranker.apply(item(1, "wide", [("a", 0.0, 1.0)], v[1]))
+    ranker.apply(item(1, "other", [("a", 0.0, 1.0)], v[1]))
     ranker.apply(item(2, "far", [("b", 1.0, 0.5)], v[2]))
-    rows = np.asarray([ranker.index.row("near"), ranker.index.row("wide")])
-    est = ranker.estimate_for_rows(rows)
+    est = ranker.estimate_for(v[0], np.asarray([ranker.index.row("near")]))
     # global: a = (1 + 0 + 1*0.5) / (2 + 1) = 0.5;  b = (0 + 0.5 + 0.5) / (1.5 + 1) = 0.4
     assert est.global_.tolist() == pytest.approx([0.5, 0.4])
-    # topic (near + wide): a = (1 + 4*0.5) / (2 + 4) = 0.5;  b = (0 + 4*0.4) / (1 + 4) = 0.32
-    assert est.topic.tolist() == pytest.approx([0.5, 0.32])
-    # local (near only): a = (1 + 2*0.5) / (1 + 2) = 2/3;  b = (0 + 2*0.32) / (1 + 2) = 0.21333
-    assert est.quality.tolist() == pytest.approx([2 / 3, 0.64 / 3])
-    # strengths: global a 3, b 2.5; topic a 2 + min(4, 3) = 5, b 1 + min(4, 2.5) = 3.5; local 1 + min(2, .) = 3
+    assert est.cluster.tolist() == pytest.approx([0.5, 0.4])  # no cluster level
+    # local (near only): a = (1 + 2*0.5) / (1 + 2) = 2/3;  b = (0 + 2*0.4) / (1 + 2) = 0.26667
+    assert est.quality.tolist() == pytest.approx([2 / 3, 0.8 / 3])
+    # strengths: global a 3, b 2.5; local 1 + min(2, global) = 3 for both
     assert est.strength.tolist() == pytest.approx([3.0, 3.0])
+
+
+def test_cluster_levels_find_topics_and_shrink_towards_them():
+    """Two topics of 40 prompts each; "a" always right on topic 0, "b" on topic 1."""
+    config = LocalQualityConfig(neighbours=1, local_prior=4.0, clusters=(2,), cluster_prior=4.0, explore_share=0.0)
+    ranker = LocalQualityRanker(config, NeighbourIndex(dim=DIM))
+    v = clustered_vectors(80, DIM, clusters=2, seed=3, spread=0.2)
+    topic = np.argmax(v @ unit_vectors(2, DIM, 4).T, axis=1)
+    for i in range(80):  # the 64th prompt trains the clusters; the last 16 join their nearest centroid
+        t = int(topic[i])
+        ranker.apply(item(i, f"p{i}", [("a", float(t == 0), 1.0), ("b", float(t == 1), 1.0)], v[i]))
+    counts = np.bincount(topic, minlength=2)
+    g = (counts + 1.0) / 82.0  # global: "a" right on topic 0's prompts, "b" on topic 1's, prior 1 of 2
+    for t in (0, 1):
+        query = v[int(np.flatnonzero(topic == t)[0])]
+        est = ranker.estimate_for(query, np.empty(0, dtype=np.int64))  # no local evidence: the cluster speaks
+        assert est.global_.tolist() == pytest.approx(g.tolist())
+        n = counts[t]  # the cluster is the topic: its winner was right n times, the other never
+        assert est.cluster[t] == pytest.approx((n + 4.0 * g[t]) / (n + 4.0))
+        assert est.cluster[1 - t] == pytest.approx(4.0 * g[1 - t] / (n + 4.0))
+        assert est.quality.tolist() == pytest.approx(est.cluster.tolist())
 
 
 def test_an_unrated_candidate_gets_the_prior_and_the_weakest_certainty():
@@ -64,7 +83,7 @@ def _stream(n: int, seed: int) -> list[ObservationItem]:
 @pytest.mark.parametrize("horizon", [0, 3])
 def test_replaying_the_stream_reproduces_the_state_exactly(horizon):
     """Horizon 3 crosses several exact power-of-two rescales (every 256 half-lives = 768 items)."""
-    config = LocalQualityConfig(neighbours=3, wide_neighbours=8, horizon=horizon)
+    config = LocalQualityConfig(neighbours=3, clusters=(2, 4), horizon=horizon)
     stream = _stream(2000, seed=4)
     live = LocalQualityRanker(config, NeighbourIndex(dim=DIM, exact_limit=64))
     live.apply_many(stream[:1200])
@@ -87,13 +106,13 @@ def test_replaying_the_stream_reproduces_the_state_exactly(horizon):
 
 
 def test_recency_halves_an_observation_every_horizon_items():
-    config = LocalQualityConfig(neighbours=1, wide_neighbours=1, horizon=2, explore_share=0.0)
+    config = LocalQualityConfig(neighbours=1, clusters=(), horizon=2, explore_share=0.0)
     ranker = LocalQualityRanker(config, NeighbourIndex(dim=DIM))
     v = unit_vectors(2, DIM, seed=5)
     ranker.apply(item(0, "old", [("a", 0.0, 1.0)], v[0]))
     ranker.apply(item(1, "x", [("b", 1.0, 1.0)], v[1]))
     ranker.apply(item(2, "x", [("b", 1.0, 1.0)], None))
-    est = ranker.estimate_for_rows(np.asarray([ranker.index.row("old")]))
+    est = ranker.estimate_for(v[0], np.asarray([ranker.index.row("old")]))
     # a's observation is 3 items old at query time -> weight 2 ** (-3/2)
     w = 2 ** -1.5
     g = (0 + 2.0 * 0.5) / (w + 2.0)

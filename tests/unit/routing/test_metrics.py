@@ -113,6 +113,8 @@ def test_a_router_that_never_matches_the_best_single_model_has_no_matching_cost(
 def test_ci95_is_a_t_interval_over_splits():
     from bench.routing_eval import ci95
 
-    low, high = ci95([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    interval = ci95([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert interval is not None
+    low, high = interval
     assert (low, high) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5))
     assert ci95([1.0]) is None
