@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -207,7 +209,13 @@ def _mean_oracles(per_split: list[dict[str, Any]], out: dict[str, Any]) -> dict[
 def evaluate(data: RoutingData, x: np.ndarray, splits: int, seed: int, routers: tuple[str, ...] = ROUTERS,
              inner_rows: int = 4000) -> dict[str, Any]:
     """The issue-15 block of one data set."""
-    per_split = [evaluate_split(data, x, seed + s, routers, inner_rows, time_updates=s == 0) for s in range(splits)]
+    per_split = []
+    for s in range(splits):
+        per_split.append(evaluate_split(data, x, seed + s, routers, inner_rows, time_updates=s == 0))
+        progress = {name: {k: v for k, v in row.items() if k in (*FLEET_METRICS, "config")}
+                    for name, row in per_split[-1]["routers"].items()}
+        print(f"routing bench: {data.name} split {s + 1}/{splits}: {json.dumps(progress)}", file=sys.stderr,
+              flush=True)
     references = _mean_oracles(per_split, _mean_reference(per_split))
     references["best_single"]["price_rank"] = _price_rank(data, references["best_single"]["model"])
     result: dict[str, Any] = {"models": data.k, "rows": len(data), "topics": len(data.group_names), "splits": splits,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,8 +216,12 @@ def run_scenarios(data: RoutingData, x: np.ndarray, seeds: int, seed: int, strea
     """Every scenario over ``seeds`` seeds: per router the mean and [min, max] of regret_after."""
     out: dict[str, Any] = {}
     for scenario in SCENARIOS:
-        runs = [run_scenario(data, x, scenario, seed + s, stream_len, warmup, refit_every, configs, routers)
-                for s in range(seeds)]
+        runs = []
+        for s in range(seeds):
+            runs.append(run_scenario(data, x, scenario, seed + s, stream_len, warmup, refit_every, configs, routers))
+            after = {name: round(row["regret_after"], 4) for name, row in runs[-1].items()}
+            print(f"routing bench: scenario {scenario} seed {s + 1}/{seeds}: regret_after {after}", file=sys.stderr,
+                  flush=True)
         merged: dict[str, Any] = {}
         for name in runs[0]:
             values = [r[name]["regret_after"] for r in runs]
