@@ -88,8 +88,9 @@ def test_replaying_the_stream_reproduces_the_state_exactly(horizon):
     live = LocalQualityRanker(config, NeighbourIndex(dim=DIM, exact_limit=64))
     live.apply_many(stream[:1200])
     keys = live.index.keys
-    rebuilt = NeighbourIndex(dim=DIM, exact_limit=64)
-    rebuilt.add(keys, np.stack([live.index.vector(k) for k in keys]))
+    raw = {it.prompt_key: it.embedding for it in stream if it.embedding is not None}
+    rebuilt = NeighbourIndex(dim=DIM, exact_limit=64)  # as the agent does: stored raw embeddings, in order
+    rebuilt.add(keys, np.stack([raw[k] for k in keys]))
     restored = LocalQualityRanker.from_snapshot(json.loads(json.dumps(live.snapshot())), rebuilt)
     assert restored.snapshot() == live.snapshot()
     for it in stream[1200:]:
