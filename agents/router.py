@@ -1,15 +1,17 @@
-"""The Eagle router agent.
+"""The router agent (default ranker: local quality with bounded exploration; Eagle on request).
 
-    requests --(faust agent: validate -> embed -> Eagle route -> decision)--> decisions.<model>
+    requests --(faust agent: validate -> embed -> rank once -> decision)--> decisions.<model>
     feedback --(global reader, journalled in Postgres)--> ratings
     heartbeats --(global reader)--> which models have a healthy worker
 
-Requests are handled in small batches (one embedding call per batch). A decision carries every
-candidate's scores, the fallbacks, the reason and the offset of the last feedback applied, so it
-can be explained and reproduced. Models without a healthy worker are skipped (next best); with no
-live worker at all the request waits (up to ``ROUTER_WAIT_S``, Kafka holds the rest) and is then
-queued for the best model. A request whose budget cannot pay for a single token of any model is
-answered directly with an error response instead of being routed.
+Requests are handled in small batches (one embedding call per batch). Each request is ranked once:
+the decision carries the scores of that one pass for every candidate, the fallbacks, the reason,
+whether the choice was exploratory, and the offset of the last feedback applied, so it can be
+explained and reproduced (the exploration draw is a function of the request id). Models without a
+healthy worker are skipped (next best); with no live worker at all the request waits (up to
+``ROUTER_WAIT_S``, Kafka holds the rest) and is then queued for the best model. A request whose
+budget cannot pay for a single token of any model is answered directly with an error response
+instead of being routed.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from agents.router_feedback import FeedbackApplier, load_state, prompt_key
 from core.catalog import CATALOG, ModelSpec
 from core.embedding import get_embedder
 from core.errors import DeadLetterError
-from core.routing.budget import NoLiveModelError
+from core.routing.budget import RouteChoice
 from core.routing.eagle import EagleConfig
+from core.routing.local_quality import LocalQualityConfig, LocalQualityRanker
+from core.routing.state import RouterConfig, algorithm_of
 from core.validation import RequestLimits, validate_request
 from infra.connect import Services
 from infra.settings import Settings
@@ -49,15 +53,18 @@ from streams.events import envelope, event_time_ms, prompt_text
 from streams.tracing import process_context
 
 log = logging.getLogger(__name__)
-ROUTER_NAME = "eagle"
-ROUTER_CONFIG = EagleConfig(neighbours=40)
-"""Eagle as benchmarked (docs/bench/routing.md): paper K, scale and P; N = 40 and the documented
-gap fillers chosen by cross-validation on the train split (docs/ROUTING.md)."""
+ROUTER_CONFIG: RouterConfig = LocalQualityConfig()
+"""The default router, as evaluated in docs/bench/routing.md (docs/ROUTING.md says why it won).
+``EagleConfig(neighbours=40)`` runs Eagle as benchmarked instead."""
+ROUTER_NAME = algorithm_of(ROUTER_CONFIG)
 
 
-def journal_name(services: Services) -> str:
-    """The router's journal key: one per deployment (topic prefix), since offsets are per topic."""
-    return f"{services.settings.topic_prefix}{ROUTER_NAME}"
+def journal_name(services: Services, config: RouterConfig = ROUTER_CONFIG) -> str:
+    """The router's journal key: one per deployment (topic prefix) and algorithm, since offsets are
+    per topic and each algorithm keeps its own state."""
+    return f"{services.settings.topic_prefix}{algorithm_of(config)}"
+
+
 ROUTER_WAIT_S = 30.0
 HEARTBEAT_STALE_S = 10.0
 
@@ -102,12 +109,16 @@ class Router:
         self.limits = RequestLimits(services.settings.max_prompt_chars, services.settings.max_tokens_limit)
         self.liveness = Liveness()
         self.embedder = get_embedder()
-        self.version = f"eagle-k{self.config.k:g}-n{self.config.neighbours}-p{self.config.global_weight:g}"
+        self.name = algorithm_of(self.config)
+        c = self.config
+        self.version = (f"eagle-k{c.k:g}-n{c.neighbours}-p{c.global_weight:g}" if isinstance(c, EagleConfig)
+                        else f"local_quality-n{c.neighbours}-c{'.'.join(map(str, c.clusters))}-h{c.horizon}"
+                        f"-e{c.explore_share:g}")
         self.applier: FeedbackApplier | None = None
         self.ready = asyncio.Event()
 
     async def start(self, dlq: DeadLetters, stop: asyncio.Event) -> list[asyncio.Task[None]]:
-        name = journal_name(self.services)
+        name = journal_name(self.services, self.config)
         state, offset = await load_state(self.services.pool, name, self.config, self.models)
         self.applier = FeedbackApplier(self.services, state, offset, name, self.embedder, dlq)
         self.ready.set()
@@ -160,33 +171,41 @@ class Router:
             request = dict(request, max_tokens=min(request["max_tokens"], best))
             candidates = self.candidates(request)
         live = self.liveness.live_models(time.time()) or await self.wait_for_live()
-        state = self.applier.state
-        try:
-            choice = state.ranker.route(embedding, candidates, budget, request.get("willingness_to_pay"), live)
-        except NoLiveModelError:
-            choice = state.ranker.route(embedding, candidates, budget, request.get("willingness_to_pay"),
-                                        set(candidates))
-            choice = dataclasses.replace(choice, reason=f"no live worker: queued for {choice.model}")
-        globals_ = state.ranker.global_ratings()
-        local = dict(zip(state.ranker.models, state.ranker.local_ratings(state.ranker.neighbour_keys(embedding)),
-                         strict=True)) if state.ranker.models else {}
+        choice = self.rank_once(embedding, candidates, budget, request, live)
         return {
             **envelope(request["request_id"], request["tenant_id"], request["user_id"]),
             "request": request,
             "model": choice.model,
             "candidates": [{
                 "model": m, "score": choice.scores[m],
-                "global_rating": globals_.get(m, self.config.initial_rating),
-                "local_rating": local.get(m, self.config.initial_rating),
+                "global_rating": choice.global_scores[m], "local_rating": choice.local_scores[m],
                 "expected_quality": choice.expected_quality[m], "expected_cost_usd": choice.costs[m],
                 "live": m in live, "within_budget": budget is None or choice.costs[m] <= budget}
                 for m in sorted(choice.scores)],
+            "exploratory": choice.exploratory,
             "fallbacks": list(choice.fallbacks),
-            "router_name": ROUTER_NAME,
+            "router_name": self.name,
             "router_version": self.version,
             "reason": choice.reason,
             "feedback_offset": self.applier.offset,
         }
+
+    def rank_once(self, embedding: np.ndarray, candidates: dict[str, float], budget: float | None,
+                  request: dict[str, Any], live: set[str]) -> RouteChoice:
+        """The one ranking pass of a request. With no live worker at all, the request is queued for
+        the model the rule prefers among every candidate (Kafka holds it until a worker starts)."""
+        assert self.applier is not None
+        ranker = self.applier.state.ranker
+        wtp = request.get("willingness_to_pay")
+        usable = live & set(candidates)
+        pool = usable or set(candidates)
+        if isinstance(ranker, LocalQualityRanker):
+            choice = ranker.route(embedding, candidates, budget, wtp, pool, request_id=request["request_id"])
+        else:
+            choice = ranker.route(embedding, candidates, budget, wtp, pool)
+        if not usable:
+            choice = dataclasses.replace(choice, reason=f"no live worker: queued for {choice.model}")
+        return choice
 
     @staticmethod
     def refusal(request: dict[str, Any], why: str) -> dict[str, Any]:

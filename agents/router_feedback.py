@@ -1,5 +1,5 @@
 """The router's feedback path: read the (single-partition) feedback topic in order, apply each event
-to the Eagle state, and journal it in Postgres together with the offset.
+to the router state (``core.routing.state``), and journal it in Postgres together with the offset.
 
 Every router replica reads the whole feedback topic itself (no consumer group), like a Kafka
 Streams global table: all replicas converge on the same ratings, and a replica's position is the
@@ -22,9 +22,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from core.embedding import Embedder
 from core.errors import DeadLetterError, ValidationError
-from core.routing.eagle import EagleConfig
 from core.routing.index import NeighbourIndex
-from core.routing.state import RouterFeedback, RouterState
+from core.routing.state import RouterConfig, RouterFeedback, RouterState
 from infra.connect import Services
 from infra.telemetry import FEEDBACK_APPLIED, ROUTER_RATING
 from streams.dlq import DeadLetters
@@ -51,7 +50,7 @@ class Journalled:
     embedding: np.ndarray | None
 
 
-async def load_state(pool: asyncpg.Pool, router_name: str, config: EagleConfig, models: tuple[str, ...]
+async def load_state(pool: asyncpg.Pool, router_name: str, config: RouterConfig, models: tuple[str, ...]
                      ) -> tuple[RouterState, int]:
     """Rebuild the state from the last snapshot plus the journal after it; return (state, offset)."""
     row = await pool.fetchrow("SELECT * FROM router_state WHERE router_name = $1", router_name)

@@ -1,15 +1,14 @@
-"""Decision latency of ``EagleRanker.route`` at a large feedback history (embedding excluded).
+"""Decision latency of the default router's ``route`` at a large history (embedding excluded).
 
-The real data have about 15k prompts, so the 100k-item history is the real embeddings plus
-jittered copies (Gaussian noise, renormalised; cosine about 0.9 to their source) carrying their
-source's outcomes. Queries are fresh jitters of real prompts, so no query is in the index.
-Each decision is timed alone with ``perf_counter_ns`` after a warm-up, with the cyclic garbage
-collector paused for the loop (a long-lived agent should ``gc.freeze()`` its restored state so
-full collections do not walk it); the index's recall of
-the N nearest against exact search is reported beside it, because a fast wrong answer is not a
-decision. ``p50``/``p99`` are wall-clock; ``cpu_p50``/``cpu_p99`` count only this thread's CPU
-time, which separates the decision's own cost from time spent descheduled on a shared machine.
-Embedding time (one prompt at a time, MiniLM on CPU) is reported apart.
+The history is ``history`` feedback items over ``models`` models: the data set's real embeddings
+plus jittered copies (Gaussian noise, renormalised; cosine about 0.9 to their source), each
+carrying a bandit observation (one model, outcome drawn from a per-model rate), as live traffic
+does. Queries are fresh jitters, so no query is in the index. Each decision is timed alone with
+``perf_counter_ns`` after a warm-up, with the cyclic GC paused for the loop, and includes the
+exploration draw (every query carries a request id). ``recall_at_n`` compares the index's N
+nearest with exact search: a fast wrong answer is not a decision. ``cpu_*`` count only this
+thread's CPU time, which separates the decision's cost from time spent descheduled on a shared
+machine. Embedding time (one prompt at a time, MiniLM on CPU) is reported apart.
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ import time
 
 import numpy as np
 
-from bench.routing_data import STRONG, WEAK
-from core.routing import EagleConfig, EagleRanker, FeedbackItem, from_graded
+from core.routing import LocalQualityConfig, LocalQualityRanker, Observation, ObservationItem
 from core.routing.index import NeighbourIndex
 
 JITTER = 0.48
@@ -34,51 +32,54 @@ def _jitter(vectors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return normalised
 
 
-def decision_latency(
-    embeddings: np.ndarray,
-    correct: np.ndarray,
-    config: EagleConfig,
-    history: int,
-    queries: int,
-    seed: int,
-) -> dict[str, float | int | str]:
+def decision_latency(embeddings: np.ndarray, config: LocalQualityConfig, history: int, models: int, queries: int,
+                     seed: int) -> dict[str, float | int | str]:
     rng = np.random.default_rng([seed, 4])
     source = rng.integers(0, len(embeddings), size=history)
     source[: min(history, len(embeddings))] = np.arange(min(history, len(embeddings)))
     vectors = embeddings[source].copy()
     copies = np.arange(history) >= len(embeddings)
     vectors[copies] = _jitter(vectors[copies], rng)
+    names = [f"m{j:02d}" for j in range(models)]
+    rates = rng.uniform(0.3, 0.9, size=models)
+    chosen = rng.integers(0, models, size=history)
+    outcomes = rng.random(history) < rates[chosen]
 
-    ranker = EagleRanker(config, NeighbourIndex())
+    ranker = LocalQualityRanker(config, NeighbourIndex())
+    ranker.add_models(names)
     start = time.perf_counter()
-    for i in range(history):
-        y = correct[source[i]]
-        ranker.apply(FeedbackItem(f"h{i}", f"h{i}", from_graded({WEAK: y[0], STRONG: y[1]}), vectors[i]))
+    batch = 1000
+    for lo in range(0, history, batch):
+        ranker.apply_many(ObservationItem(f"h{i}", f"h{i}", (Observation(names[chosen[i]], float(outcomes[i])),),
+                                          vectors[i]) for i in range(lo, min(lo + batch, history)))
     build_s = time.perf_counter() - start
 
     query_vectors = _jitter(embeddings[rng.integers(0, len(embeddings), size=queries)], rng)
-    candidates = {WEAK: 6e-5, STRONG: 1.2e-3}
-    live = {WEAK, STRONG}
-    for q in query_vectors[:50]:  # warm caches and permutation tables
-        ranker.route(q, candidates, None, 1.0, live)
+    candidates = {m: 1e-5 * (1 + j) for j, m in enumerate(names)}
+    live = set(names)
+    for i, q in enumerate(query_vectors[:50]):  # warm caches
+        ranker.route(q, candidates, None, 1.0, live, request_id=f"warm{i}")
     times = np.empty(queries)
     cpu = np.empty(queries)
+    explored = 0
     gc.collect()
-    gc.disable()  # the whole timed loop, as timeit does (see bench.routing.quiet_gc)
+    gc.disable()
     try:
         for i, q in enumerate(query_vectors):
             c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
-            ranker.route(q, candidates, None, 1.0, live)
+            choice = ranker.route(q, candidates, None, 1.0, live, request_id=f"q{i}")
             times[i] = (time.perf_counter_ns() - t0) / 1e6
             cpu[i] = (time.thread_time_ns() - c0) / 1e6
+            explored += choice.exploratory
     finally:
         gc.enable()
 
     hits = 0
     probes = query_vectors[:200]
+    n = config.neighbours
     for q in probes:
-        approx = set(ranker.index.search_rows(q, config.neighbours)[0].tolist())
-        exact = set(ranker.index.search_exact(q, config.neighbours)[0].tolist())
+        approx = set(ranker.index.search_rows(q, n)[0].tolist())
+        exact = set(ranker.index.search_exact(q, n)[0].tolist())
         hits += len(approx & exact)
     index = ranker.index
     return {
@@ -87,8 +88,10 @@ def decision_latency(
         "cpu_p50": float(np.percentile(cpu, 50)),
         "cpu_p99": float(np.percentile(cpu, 99)),
         "history": history,
+        "models": models,
         "queries": queries,
-        "recall_at_n": hits / (config.neighbours * len(probes)),
+        "explored_share": explored / queries,
+        "recall_at_n": hits / (n * len(probes)),
         "index": "exact" if index.is_exact else f"ivf nprobe={index.nprobe}",
         "build_s": build_s,
     }

@@ -1,6 +1,26 @@
-"""Routing metrics: Eagle's AUC over willingness to pay, RouteLLM's APGR and CPT(x%).
+"""Routing metrics for any fleet, plus the two-model metrics of Eagle (AUC) and RouteLLM (APGR, CPT).
 
-Every router hands over a ``(n, 2)`` matrix of predicted quality for (weak, strong). Two views:
+**Any number of models** (issue 15). Every router hands over an ``(n, K)`` matrix of predicted
+quality. For each willingness to pay ``lambda`` (USD per unit of quality) on a grid, every prompt
+goes to ``argmax_m lambda * q_hat[i, m] - expected_cost[i, m]`` (ties: lower expected cost, then
+lower column); ``lambda = 0`` (cheapest) and ``lambda = inf`` (best predicted quality) are on the
+grid. Each lambda gives one operating point: (mean realised quality, mean realised cost). Then:
+
+* ``quality_at_best_single_cost``: the best quality among operating points whose cost does not
+  exceed the best single model's (the model with the highest mean quality; ties: cheaper).
+* ``cost_to_match_best_single``: the least cost among operating points whose quality reaches the
+  best single model's, divided by that model's cost (``None`` if no point reaches it).
+* ``oracle_gap_closed``: (quality at best-single cost - best single quality) / (the per-prompt
+  oracle's quality at that cost - best single quality). The oracle's predictions are the outcomes.
+* ``topic_oracle_gain_reached``: the same gain divided by the topic oracle's gain; the topic
+  oracle predicts each model's mean outcome over the prompt's topic file, in hindsight.
+* ``rare_recall``: over prompts that only one or two models answer (outcome >= 0.5; with two
+  models: exactly one), the mean outcome of the model chosen at the operating point above.
+
+No interpolation between operating points: every router gets the same lambda grid, so what is
+reported is what one fixed lambda achieves.
+
+**Two models** (kept from issue 8). The matrix is ``(n, 2)`` for (cheaper, pricier). Two views:
 
 * **AUC (Eagle, arXiv 2409.15518 Fig. 2a).** For each willingness to pay ``lambda`` on 49
   log-spaced points in [1e-10, 1e2] (USD per unit of quality), route every prompt to
@@ -131,3 +151,112 @@ def hull_area(costs: np.ndarray, quality: np.ndarray, c_min: float, c_max: float
     xs = np.array([h[0] for h in hull])
     ys = np.array([h[1] for h in hull])
     return float(np.trapezoid(ys, xs) / (c_max - c_min))
+
+
+# ---------------------------------------------------------------------- any number of models
+
+
+def lambda_grid(expected_cost: np.ndarray, points: int = 80) -> np.ndarray:
+    """0, ``points`` log-spaced values from 0.1x the cheapest to 1e4x the priciest mean cost, inf."""
+    means = expected_cost.mean(axis=0)
+    low = max(float(means.min()), 1e-12) * 0.1
+    high = max(float(means.max()), 1e-12) * 1e4
+    return np.concatenate([[0.0], np.logspace(np.log10(low), np.log10(high), points), [np.inf]])
+
+
+def choices(predicted: np.ndarray, expected_cost: np.ndarray, lam: float) -> np.ndarray:
+    """Column chosen per prompt at willingness to pay ``lam`` (ties: cheaper, then lower column)."""
+    value = predicted if np.isinf(lam) else lam * predicted - expected_cost
+    best = value.max(axis=1, keepdims=True)
+    out: np.ndarray = np.where(value >= best, expected_cost, np.inf).argmin(axis=1)
+    return out
+
+
+def operating_points(predicted: np.ndarray, expected_cost: np.ndarray, correct: np.ndarray, cost: np.ndarray,
+                     grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(quality, cost, choices) per lambda of ``grid``; choices is (len(grid), n)."""
+    rows = np.arange(len(correct))
+    picked = np.stack([choices(predicted, expected_cost, float(lam)) for lam in grid])
+    return correct[rows, picked].mean(axis=1), cost[rows, picked].mean(axis=1), picked
+
+
+def best_single(correct: np.ndarray, cost: np.ndarray) -> tuple[int, float, float]:
+    """(column, mean quality, mean cost) of the best single model (ties: cheaper, then lower column)."""
+    quality = correct.mean(axis=0)
+    mean_cost = cost.mean(axis=0)
+    order = np.lexsort((np.arange(len(quality)), mean_cost, -quality))
+    best = int(order[0])
+    return best, float(quality[best]), float(mean_cost[best])
+
+
+def quality_at_cost(quality: np.ndarray, cost: np.ndarray, budget: float) -> tuple[float, int]:
+    """(best quality among points with cost <= budget, its point index); budget is relative-tolerant."""
+    fits = np.flatnonzero(cost <= budget * (1 + 1e-9) + 1e-15)
+    if len(fits) == 0:
+        return float("nan"), -1
+    best = int(fits[np.argmax(quality[fits])])
+    return float(quality[best]), best
+
+
+def cost_to_reach(quality: np.ndarray, cost: np.ndarray, target: float) -> float | None:
+    reach = np.flatnonzero(quality >= target - 1e-12)
+    return float(cost[reach].min()) if len(reach) else None
+
+
+def rare_prompts(correct: np.ndarray) -> np.ndarray:
+    """Prompts that only one or two models answer (exactly one when there are two models)."""
+    answered = (correct >= 0.5).sum(axis=1)
+    most = 1 if correct.shape[1] == 2 else 2
+    out: np.ndarray = (answered >= 1) & (answered <= most)
+    return out
+
+
+def topic_means(correct: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """(n, K): each model's mean outcome over the row's topic (the topic oracle's predictions)."""
+    out = np.empty_like(correct, dtype=np.float64)
+    for g in np.unique(groups):
+        members = groups == g
+        out[members] = correct[members].mean(axis=0)
+    return out
+
+
+def gain_ratio(gain: float, reference: float) -> float | None:
+    return gain / reference if reference > 1e-12 else None
+
+
+def fleet_metrics(predicted: np.ndarray, expected_cost: np.ndarray, correct: np.ndarray, cost: np.ndarray,
+                  groups: np.ndarray, grid: np.ndarray | None = None) -> dict[str, float | None]:
+    """The issue-15 metrics of one router on one test split (see the module docstring)."""
+    grid = lambda_grid(expected_cost) if grid is None else grid
+    _, q_best, c_best = best_single(correct, cost)
+    quality, spend, picked = operating_points(predicted, expected_cost, correct, cost, grid)
+    q_at, point = quality_at_cost(quality, spend, c_best)
+    oracle_q, oracle_c, _ = operating_points(correct, expected_cost, correct, cost, grid)
+    topic_q, topic_c, _ = operating_points(topic_means(correct, groups), expected_cost, correct, cost, grid)
+    oracle_at, _ = quality_at_cost(oracle_q, oracle_c, c_best)
+    topic_at, _ = quality_at_cost(topic_q, topic_c, c_best)
+    match = cost_to_reach(quality, spend, q_best)
+    rare = rare_prompts(correct)
+    rows = np.arange(len(correct))
+    recall = float(correct[rows, picked[point]][rare].mean()) if rare.any() else None
+    return {
+        "quality_at_best_single_cost": q_at,
+        "cost_to_match_best_single": None if match is None else match / c_best,
+        "oracle_gap_closed": gain_ratio(q_at - q_best, oracle_at - q_best),
+        "topic_oracle_gain_reached": gain_ratio(q_at - q_best, topic_at - q_best),
+        "rare_recall": recall,
+    }
+
+
+def reference_rows(correct: np.ndarray, cost: np.ndarray, expected_cost: np.ndarray, groups: np.ndarray,
+                   models: tuple[str, ...], grid: np.ndarray | None = None) -> dict[str, dict[str, object]]:
+    """``best_single``, ``oracle`` and ``topic_oracle`` of one test split."""
+    grid = lambda_grid(expected_cost) if grid is None else grid
+    best, q_best, c_best = best_single(correct, cost)
+    out: dict[str, dict[str, object]] = {"best_single": {"model": models[best], "quality": q_best, "cost": c_best}}
+    for name, predicted in (("oracle", correct), ("topic_oracle", topic_means(correct, groups))):
+        quality, spend, _ = operating_points(predicted, expected_cost, correct, cost, grid)
+        top = int(np.lexsort((spend, -quality))[0])
+        q_at, _ = quality_at_cost(quality, spend, c_best)
+        out[name] = {"quality": float(quality[top]), "cost": float(spend[top]), "quality_at_best_single_cost": q_at}
+    return out

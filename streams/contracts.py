@@ -254,11 +254,14 @@ class CandidateScore(Record, frozen=True, kw_only=True):
     AVRO_NAME: ClassVar[str] = "dev.flywheel.CandidateScore"
     model: str
     score: float
-    """P*global + (1-P)*local ELO."""
+    """
+    The ranker's score: local success-rate estimate (local_quality) or P*global + (1-P)*local ELO
+    (eagle).
+    """
     global_rating: float
     local_rating: float
     expected_quality: float
-    """Rating mapped to [0,1]."""
+    """Expected quality in [0,1] used by the budget rule."""
     expected_cost_usd: float
     live: bool
     """Has a healthy worker."""
@@ -280,6 +283,11 @@ class RoutingDecision(Event, frozen=True, kw_only=True):
     """
     Offset in the (single-partition, totally ordered) feedback topic of the last feedback applied to
     the ratings used; -1 if none.
+    """
+    exploratory: bool = False
+    """
+    True when the router's exploration draw (seeded by the request id) chose another model than its
+    greedy rule would have.
     """
 
 

@@ -34,7 +34,7 @@ def samples() -> dict[str, dict[str, Any]]:
                             "local_rating": 1015.0, "expected_quality": 0.55, "expected_cost_usd": 1e-5,
                             "live": True, "within_budget": True}],
             "fallbacks": ["gemma3-270m"], "router_name": "eagle", "router_version": "1",
-            "reason": "best within budget", "feedback_offset": 41},
+            "reason": "best within budget", "feedback_offset": 41, "exploratory": False},
         "ResponseChunk": {**_env(), "request_id": "req-1", "index": 0, "delta": "2 + 3", "model": "smollm2-135m"},
         "InferenceResponse": {
             **_env(), "request_id": "req-1", "model": "smollm2-135m", "model_version": "base",

@@ -22,7 +22,7 @@ so. Fallbacks are the other live models in the same preference order (within bud
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from core.errors import RetriableError
 from core.routing.elo import expected_score
@@ -60,6 +60,12 @@ class RouteChoice:
     fallbacks: tuple[str, ...]
     """Other live candidates, most preferred first."""
     reason: str
+    global_scores: dict[str, float] = field(default_factory=dict)
+    """Every candidate's global rating, from the same ranking pass (for the decision record)."""
+    local_scores: dict[str, float] = field(default_factory=dict)
+    """Every candidate's local rating, from the same ranking pass."""
+    exploratory: bool = False
+    """True when an exploration draw chose another model than the greedy rule would have."""
 
 
 def choose(

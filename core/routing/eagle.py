@@ -236,13 +236,23 @@ class EagleRanker:
         """
         if not candidates:
             raise ValueError("route needs at least one candidate")
-        ranked = self.rank(embedding)
-        scores = {m: ranked.get(m, self.config.initial_rating) for m in candidates}
+        # One ranking pass: the decision record's global and local ratings come from it too.
+        p = self.config.global_weight
+        keys = self.neighbour_keys(embedding) if p < 1.0 else []
+        local = self.local_ratings(keys) if p < 1.0 else self._global
+        initial = self.config.initial_rating
+        glob = dict(zip(self._models, self._global, strict=True))
+        loc = dict(zip(self._models, local, strict=True))
+        global_scores = {m: glob.get(m, initial) for m in candidates}
+        local_scores = {m: loc.get(m, initial) for m in candidates}
+        scores = {m: p * global_scores[m] + (1.0 - p) * local_scores[m] if m in glob else initial
+                  for m in candidates}
         quality = expected_quality(scores, self.config.scale, self.config.pool_quality)
         costs = dict(candidates)
         model, fallbacks, reason = choose(quality, costs, budget_usd, willingness_to_pay, live_models)
         return RouteChoice(model=model, scores=scores, expected_quality=quality, costs=costs,
-                           fallbacks=fallbacks, reason=reason)
+                           fallbacks=fallbacks, reason=reason, global_scores=global_scores,
+                           local_scores=local_scores)
 
     # ------------------------------------------------------------ persistence
 

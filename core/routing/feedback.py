@@ -12,6 +12,10 @@ Three kinds of feedback reach the router (docs/ROUTING.md has the rationale):
   average, i.e. "thumbs against the model's expected score". Each opponent moves by its leg's
   share, so the rating total is conserved as in every ELO game.
 
+The local-quality ranker (``local_quality.py``) consumes :class:`Observation`s instead of games:
+one model's outcome on a prompt, in [0, 1], with a weight (``observations_from_graded`` turns
+graded scores into one observation per model).
+
 All functions are pure: the same inputs give the same comparisons in the same order, which is
 what makes the ratings a pure function of the ordered feedback stream.
 """
@@ -77,6 +81,44 @@ class FeedbackItem:
     feedback_id: str
     prompt_key: str
     comparisons: tuple[Comparison, ...]
+    embedding: np.ndarray | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.feedback_id:
+            raise ValueError("feedback_id must be non-empty")
+        if not self.prompt_key:
+            raise ValueError("prompt_key must be non-empty")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """How one model did on one prompt: ``outcome`` in [0, 1] (1 = good answer), with a weight."""
+
+    model: str
+    outcome: float
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("an observation needs a model")
+        if not 0.0 <= self.outcome <= 1.0 or np.isnan(self.outcome):
+            raise ValueError(f"outcome must be within [0, 1], got {self.outcome}")
+        if not 0.0 < self.weight <= 1.0:
+            raise ValueError(f"weight must be within (0, 1], got {self.weight}")
+
+
+def observations_from_graded(scores: Mapping[str, float]) -> tuple[Observation, ...]:
+    """One observation per scored model (scores in [0, 1]), in sorted-name order."""
+    return tuple(Observation(m, float(scores[m])) for m in sorted(scores))
+
+
+@dataclass(frozen=True)
+class ObservationItem:
+    """One feedback event as the local-quality ranker consumes it (see :class:`FeedbackItem`)."""
+
+    feedback_id: str
+    prompt_key: str
+    observations: tuple[Observation, ...]
     embedding: np.ndarray | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

@@ -138,6 +138,12 @@ class NeighbourIndex:
     def row(self, key: str) -> int:
         return self._row_of[key]
 
+    def head(self, n: int) -> np.ndarray:
+        """Read-only view of the first ``n`` unit vectors, in insertion order."""
+        view: np.ndarray = self._rows.data[:n]
+        view.flags.writeable = False
+        return view
+
     def vector(self, key: str) -> np.ndarray:
         out: np.ndarray = self._rows.data[self._row_of[key]].copy()
         return out
@@ -217,6 +223,21 @@ class NeighbourIndex:
         sims = [self._lists[int(i)].data[: self._lists[int(i)].size] @ q for i in near]
         ids = [self._lists[int(i)].ids[: self._lists[int(i)].size] for i in near]
         return _top(np.concatenate(sims), np.concatenate(ids), n)
+
+    def search_many(self, queries: np.ndarray, n: int) -> list[np.ndarray]:
+        """Rows of the ``n`` nearest per query, as ``search_rows`` returns them (batched when exact)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        unit = _unit_rows(queries, self.dim)
+        if self._centroids is not None:
+            return [self.search_rows(q, n)[0] for q in unit]
+        size = len(self._keys)
+        ids = np.arange(size, dtype=np.int64)
+        out: list[np.ndarray] = []
+        for start in range(0, len(unit), 256):
+            sims = unit[start:start + 256] @ self._rows.data[:size].T
+            out.extend(_top(row, ids, n)[0] for row in sims)
+        return out
 
     def search_exact(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force reference for :meth:`search_rows` (tests and recall measurements)."""

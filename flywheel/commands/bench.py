@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline",
     "request-plane": "bench.request_plane",
     "routing": "bench.routing",
+    "routing-data": "bench.routing_generator",
     "scheduling": "bench.scheduling",
     "personalization": "bench.personalization",
     "personalization-live": "bench.personalization_live",

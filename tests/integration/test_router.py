@@ -1,4 +1,8 @@
-"""The Eagle router agent on the real broker: decisions, feedback, restarts and liveness."""
+"""The router agent (default: local quality) on the real broker: decisions, feedback, restarts, liveness.
+
+The default router explores about 10 % of requests (the draw is a function of the request id), so
+where a test expects the greedy choice it accepts a decision that says it was exploratory.
+"""
 
 from __future__ import annotations
 
@@ -103,8 +107,9 @@ async def test_router_decisions_feedback_restart_and_liveness(kafka_broker, post
                 first = await h.ask("What is the capital of France?")
                 assert first["model"] in (SMOL, GEMMA)
                 assert {c["model"] for c in first["candidates"]} == {SMOL, GEMMA}
-                assert first["router_name"] == "eagle" and first["feedback_offset"] == -1
-                assert first["model"] == SMOL  # equal ratings: the cheaper model wins the tie
+                assert first["router_name"] == "local_quality" and first["feedback_offset"] == -1
+                assert first["model"] == SMOL or first["exploratory"]  # equal ratings: the cheaper model wins
+                assert first["exploratory"] == (first["reason"].startswith("explore:"))
                 # users prefer gemma's answers, strongly and repeatedly
                 for i in range(6):
                     d = await h.ask(f"Explain photosynthesis, variant {i}")
@@ -114,7 +119,7 @@ async def test_router_decisions_feedback_restart_and_liveness(kafka_broker, post
                                                "winner": "a"})
                 await asyncio.sleep(3)
                 later = await h.ask("Explain photosynthesis to a child")
-                assert later["model"] == GEMMA, later["reason"]
+                assert later["model"] == GEMMA or later["exploratory"], later["reason"]
                 ratings = {c["model"]: c["global_rating"] for c in later["candidates"]}
                 assert ratings[GEMMA] > ratings[SMOL]
                 offset_before = later["feedback_offset"]
@@ -123,7 +128,7 @@ async def test_router_decisions_feedback_restart_and_liveness(kafka_broker, post
                 again = await h.ask("Explain photosynthesis for an exam")
                 assert again["feedback_offset"] == offset_before
                 assert {c["model"]: c["global_rating"] for c in again["candidates"]} == ratings
-                assert again["model"] == GEMMA
+                assert again["model"] == GEMMA or again["exploratory"]
                 h.beating = {SMOL}  # gemma's worker stops heart-beating
                 await asyncio.sleep(12)
                 skipped = await h.ask("Explain photosynthesis in one line")

@@ -184,3 +184,18 @@ def test_apply_many_equals_one_by_one_and_is_all_or_nothing():
     with pytest.raises(ValueError, match="no known embedding"):
         many.apply_many(bad)
     assert many.snapshot() == before and "fresh" not in many.index
+
+
+def test_route_carries_the_ratings_of_its_own_ranking_pass():
+    """The decision record's global and local ratings come from the pass that chose (issue 12)."""
+    ranker = EagleRanker(EagleConfig(neighbours=5), NeighbourIndex(dim=DIM))
+    ranker.apply_many(mixed_stream(120, DIM, seed=8))
+    for q in unit_vectors(5, DIM, seed=9):
+        choice = ranker.route(q, {"big": 3.0, "mid": 2.0, "small": 1.0, "new": 1.0}, None, None,
+                              {"big", "mid", "small", "new"})
+        local = dict(zip(ranker.models, ranker.local_ratings(ranker.neighbour_keys(q)), strict=True))
+        for m in ("big", "mid", "small"):
+            assert choice.global_scores[m] == ranker.global_ratings()[m]
+            assert choice.local_scores[m] == local[m]
+            assert choice.scores[m] == ranker.rank(q)[m]
+        assert choice.scores["new"] == choice.global_scores["new"] == 1000.0

@@ -56,3 +56,65 @@ def test_aiq_is_calibration_free_and_orders_rankings():
     assert aiq(good * 10, cost, CORRECT, cost) == pytest.approx(0.625)  # gaps x10, same order
     bad = good[::-1].copy()
     assert aiq(bad, cost, CORRECT, cost) < 0.625
+
+
+# ---- issue 15: any number of models. Three models A (cost 1), B (cost 2), C (cost 4); two topics.
+FLEET = np.array([[1, 1, 0],   # topic 0
+                  [0, 1, 1],   # topic 0
+                  [0, 0, 1],   # topic 1
+                  [0, 0, 1]],  # topic 1
+                 dtype=float)
+TOPICS = np.array([0, 0, 1, 1])
+COSTS = np.tile([1.0, 2.0, 4.0], (4, 1))
+
+
+def test_references_by_hand():
+    from bench.routing_metrics import reference_rows
+
+    refs = reference_rows(FLEET, COSTS, COSTS, TOPICS, ("A", "B", "C"))
+    assert refs["best_single"] == {"model": "C", "quality": 0.75, "cost": 4.0}
+    # per-prompt oracle: A, B, C, C (cheapest correct model) -> quality 1, cost (1 + 2 + 4 + 4) / 4
+    assert refs["oracle"]["quality"] == 1.0 and refs["oracle"]["cost"] == pytest.approx(2.75)
+    # topic oracle: topic 0 means A .5, B 1, C .5 -> B; topic 1: A 0, B 0, C 1 -> C
+    assert refs["topic_oracle"]["quality"] == 1.0 and refs["topic_oracle"]["cost"] == pytest.approx(3.0)
+
+
+def test_fleet_metrics_by_hand():
+    """Predictions send p0 to A always; p1, p3 to C once lambda > 3.75; p2 to B once lambda > 1.25.
+    Operating points: (q .25, c 1), (q .25, c 1.25), (q .75, c 2.75)."""
+    from bench.routing_metrics import fleet_metrics
+
+    predicted = np.array([[0.9, 0.8, 0.1], [0.1, 0.2, 0.9], [0.1, 0.9, 0.2], [0.1, 0.2, 0.9]])
+    m = fleet_metrics(predicted, COSTS, FLEET, COSTS, TOPICS)
+    assert m["quality_at_best_single_cost"] == pytest.approx(0.75)
+    assert m["cost_to_match_best_single"] == pytest.approx(2.75 / 4)
+    assert m["oracle_gap_closed"] == pytest.approx(0.0)        # (0.75 - 0.75) / (1 - 0.75)
+    assert m["topic_oracle_gain_reached"] == pytest.approx(0.0)
+    assert m["rare_recall"] == pytest.approx(0.75)             # every prompt is answered by 1-2 models
+    # a router that also sends p2 to C closes the whole gap at 3.25 <= 4
+    better = predicted.copy()
+    better[2] = [0.1, 0.1, 0.9]
+    m = fleet_metrics(better, COSTS, FLEET, COSTS, TOPICS)
+    assert m["quality_at_best_single_cost"] == 1.0
+    assert m["oracle_gap_closed"] == pytest.approx(1.0) and m["topic_oracle_gain_reached"] == pytest.approx(1.0)
+    assert m["cost_to_match_best_single"] == pytest.approx(3.25 / 4) and m["rare_recall"] == 1.0
+
+
+def test_a_router_that_never_matches_the_best_single_model_has_no_matching_cost():
+    from bench.routing_metrics import fleet_metrics
+
+    always_a = np.tile([1.0, 0.0, 0.0], (4, 1))
+    m = fleet_metrics(always_a, COSTS, FLEET, COSTS, TOPICS)
+    assert m["cost_to_match_best_single"] is None
+    assert m["quality_at_best_single_cost"] == 0.25
+    assert m["oracle_gap_closed"] == pytest.approx((0.25 - 0.75) / 0.25)
+
+
+def test_ci95_is_a_t_interval_over_splits():
+    from bench.routing_eval import ci95
+
+    interval = ci95([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert interval is not None
+    low, high = interval
+    assert (low, high) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5))
+    assert ci95([1.0]) is None
