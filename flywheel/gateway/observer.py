@@ -33,8 +33,6 @@ from streams.kafka import EventConsumer, partitions_of
 from streams.topics import STAGES
 
 log = logging.getLogger(__name__)
-ROUTER_JOURNAL = "eagle"
-"""The router's journal name in ``router_state`` (``agents.router.ROUTER_NAME``; a test keeps them equal)."""
 FEEDBACK_LEARNERS = ("router", "personalizer", "rewarder")
 
 
@@ -64,6 +62,8 @@ class Observer:
         self._admin: AIOKafkaAdminClient | None = None
         self._probe: AIOKafkaConsumer | None = None
         self.lag_total = 0
+        self.router_name: str | None = None
+        """The routing algorithm of the latest decision (its journal is ``router_state[prefix + name]``)."""
         self._dead_by_origin: dict[tuple[str, str], int] = {}
         self._dead_seen: set[str] = set()
         self._dlq_topics = frozenset(catalog.dlq(stage) for stage in STAGES)
@@ -119,6 +119,7 @@ class Observer:
             self.stats.on_heartbeat(event)
         else:
             self.stats.on_decision(event)
+            self.router_name = event["router_name"]
             self._remember_deadline(event["request"])
 
     async def _consume(self, consumer: EventConsumer) -> None:
@@ -143,8 +144,10 @@ class Observer:
         layout = await partitions_of(self.services.kafka, [catalog.rewards])
         rewards = [TopicPartition(catalog.rewards, p) for p in layout[catalog.rewards]]
         ends = await probe.end_offsets(feedback + rewards)
-        journalled = await self.services.pool.fetchval(
-            "SELECT feedback_offset FROM router_state WHERE router_name = $1", f"{prefix}{ROUTER_JOURNAL}")
+        # The router journals under its algorithm's name (prefixed by the deployment's topic prefix);
+        # the decisions say which algorithm routes. Before the first decision nothing is known yet.
+        journalled = None if self.router_name is None else await self.services.pool.fetchval(
+            "SELECT feedback_offset FROM router_state WHERE router_name = $1", f"{prefix}{self.router_name}")
         read = {"router": int(journalled) + 1 if journalled is not None else 0}
         for name, partitions in (("personalizer", feedback), ("rewarder", feedback), ("trainer", rewards)):
             committed = await admin.list_consumer_group_offsets(f"{prefix}flywheel-{name}")

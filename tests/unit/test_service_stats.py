@@ -76,10 +76,3 @@ def test_dead_letters_are_counted_per_stage_with_their_reasons():
     snap = stats.snapshot()
     assert snap["dead_letters"] == {"router": 2, "personalizer": 1}
     assert snap["recent_dead_letters"][0]["reason"].startswith("thumbs feedback does not name")
-
-
-def test_the_observer_reads_the_routers_journal_under_its_name():
-    from agents.router import ROUTER_NAME
-    from flywheel.gateway.observer import ROUTER_JOURNAL
-
-    assert ROUTER_JOURNAL == ROUTER_NAME
