@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+import time
 from pathlib import Path
 
 from core.errors import FatalError
@@ -40,21 +41,48 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def require_free(port: int, service: str, setting: str, advice: str = "") -> None:
-    """Raise :class:`PortTaken` unless ``port`` is free on the loopback interface."""
-    if not port_free(port):
-        raise PortTaken(port, service, setting, advice)
+def require_free(port: int, service: str, setting: str, advice: str = "", grace_s: float = 5.0) -> None:
+    """Raise :class:`PortTaken` unless ``port`` is free on the loopback interface.
+
+    A server killed a moment ago leaves its accepted connections closing (FIN_WAIT, LAST_ACK):
+    they make a probing bind fail although nothing listens and the next server binds fine. So
+    when Linux shows no listener on the port, the port counts as free. A killed multi-threaded
+    server (the JVM) is reported dead before its last thread has closed the listening socket,
+    so we wait up to ``grace_s`` before calling the port taken.
+    """
+    deadline = time.monotonic() + grace_s
+    while True:
+        if port_free(port) or port_listening(port) is False:
+            return
+        if time.monotonic() >= deadline:
+            raise PortTaken(port, service, setting, advice)
+        time.sleep(0.25)  # a killed server's threads may still be closing its listening socket
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """Socket inodes in LISTEN state on ``port``; None when /proc/net is not there to ask."""
+    inodes: set[str] = set()
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            lines = Path(table).read_text().splitlines()[1:]
+            readable = True
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])  # 0A = LISTEN
+    return inodes if readable else None
+
+
+def port_listening(port: int) -> bool | None:
+    """Whether some socket listens on ``port`` (None when this system cannot tell)."""
+    inodes = _listening_inodes(port)
+    return None if inodes is None else bool(inodes)
 
 
 def port_holder(port: int) -> str | None:
     """``pid N (name)`` of the process listening on ``port``, when Linux /proc lets us see it."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(fields[9])  # 0A = LISTEN
+    inodes = _listening_inodes(port)
     if not inodes:
         return None
     wanted = {f"socket:[{inode}]" for inode in inodes}
