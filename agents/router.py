@@ -40,6 +40,7 @@ from core.embedding import get_embedder
 from core.errors import DeadLetterError
 from core.routing.budget import NoLiveModelError
 from core.routing.eagle import EagleConfig
+from core.slo import SloCheck
 from core.validation import RequestLimits, validate_request
 from infra.connect import Services
 from infra.settings import Settings
@@ -101,6 +102,8 @@ class Router:
         self.models = tuple(services.catalog.models)
         self.limits = RequestLimits(services.settings.max_prompt_chars, services.settings.max_tokens_limit)
         self.liveness = Liveness()
+        self.slo = SloCheck(stale_s=HEARTBEAT_STALE_S)
+        """Workers' calibrated speeds and backlogs: prefer models predicted to meet the deadline."""
         self.embedder = get_embedder()
         self.version = f"eagle-k{self.config.k:g}-n{self.config.neighbours}-p{self.config.global_weight:g}"
         self.applier: FeedbackApplier | None = None
@@ -128,6 +131,7 @@ class Router:
                             continue  # heartbeats are advisory; a bad one only misses an update
                         # Old heartbeats replayed at start are dated by their own time, so they age out.
                         self.liveness.on_heartbeat(event, min(time.time(), event_time_ms(event) / 1000))
+                        self.slo.on_heartbeat(event, min(time.time(), event_time_ms(event) / 1000))
         finally:
             await consumer.stop()
 
@@ -156,6 +160,7 @@ class Router:
             request = dict(request, max_tokens=min(request["max_tokens"], best))
             candidates = self.candidates(request)
         live = self.liveness.live_models(time.time()) or await self.wait_for_live()
+        live, slo_note = self.slo.prefer_feasible(live, request, time.time())
         state = self.applier.state
         try:
             choice = state.ranker.route(embedding, candidates, budget, request.get("willingness_to_pay"), live)
@@ -163,6 +168,8 @@ class Router:
             choice = state.ranker.route(embedding, candidates, budget, request.get("willingness_to_pay"),
                                         set(candidates))
             choice = dataclasses.replace(choice, reason=f"no live worker: queued for {choice.model}")
+        if slo_note:
+            choice = dataclasses.replace(choice, reason=f"{choice.reason}; {slo_note}")
         globals_ = state.ranker.global_ratings()
         local = dict(zip(state.ranker.models, state.ranker.local_ratings(state.ranker.neighbour_keys(embedding)),
                          strict=True)) if state.ranker.models else {}
