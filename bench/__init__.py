@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline",
     "routing": "bench.routing",
     "scheduling": "bench.scheduling",
+    "engine": "bench.engine",
     "personalization": "bench.personalization",
     "personalization-live": "bench.personalization_live",
     "rlhf": "bench.rlhf",

@@ -91,8 +91,8 @@ class Settings(BaseSettings):
     worker_policy: Literal["slo_goodput", "slo_odbs", "fcfs_continuous", "fcfs_static", "sjf"] = Field(
         default="slo_goodput", description="the workers' scheduling policy (docs/SCHEDULING.md)")
     worker_max_batch: int = Field(default=32, ge=1, description="rows per engine iteration")
-    worker_dtype: Literal["float32", "bfloat16", "int8"] = Field(
-        default="float32", description="torch engine weight precision (docs/SCHEDULING.md, engine benchmark)")
+    worker_dtype: Literal["float32", "bfloat16", "int8-weight"] = Field(
+        default="float32", description="torch engine weight precision on CPUs (docs/SCHEDULING.md, engine benchmark)")
     worker_kv_budget_mb: float = Field(default=384.0, ge=0, description="paged KV budget per worker; 0 = unlimited")
     worker_kv_block_tokens: int = Field(default=16, ge=1, description="tokens per KV block")
     worker_preemption: Literal["recompute", "swap"] = Field(

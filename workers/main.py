@@ -52,7 +52,9 @@ def make_engine(model: str, engine: str, settings: Settings) -> Engine:
         return VllmEngine.from_catalog(model, settings.home.resolve() / "models", **vllm_parallel_kwargs(settings))
     from workers.engines.torch_engine import TorchEngine
 
-    dtype = settings.worker_dtype if not torch.cuda.is_available() or settings.worker_dtype != "int8" else "float32"
+    dtype = settings.worker_dtype
+    if torch.cuda.is_available() and dtype.startswith("int8"):
+        dtype = "float32"  # the int8 kernels are CPU kernels
     return TorchEngine.from_catalog(model, dtype=dtype)
 
 

@@ -18,10 +18,9 @@ aside (swap); the sequence's tokens, text state and sampler stay. When it is in 
 recomputed row is prefilled over its prompt and generated tokens together (yielding its next
 token, the same one it would have decoded), and a swapped row is copied back before the decode.
 
-Precision: ``dtype`` ``float32`` (default), ``bfloat16`` (weights and KV in bf16) or ``int8``
-(dynamic quantisation of every linear layer: int8 weights, fp32 activations, VNNI kernels on CPUs
-that have them). ``bench/engine.py`` measures each against the memory-bandwidth bound and
-``tests/unit/engines/test_precision.py`` bounds their outputs against fp32.
+Precision: ``dtype`` (``workers.engines.precision``): ``float32`` (default), ``bfloat16``,
+``int8-weight`` or ``int8``. ``bench/engine.py`` measures each against the memory-bandwidth bound
+and ``tests/unit/engines/test_precision.py`` bounds their outputs against fp32.
 
 Not thread-safe: the serving loop calls it from one thread.
 """
@@ -41,6 +40,7 @@ from core.errors import ValidationError
 from workers.engines.attention import use_gqa_sdpa
 from workers.engines.base import BASE_ADAPTER, Engine, EngineRequest, TokenOutput
 from workers.engines.kv_cache import RowKVCache, build_mask
+from workers.engines.precision import apply_precision, kv_dtype
 from workers.engines.text import IncrementalText
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,6 @@ class TokenizerLike(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
-
-
-PRECISIONS = ("float32", "bfloat16", "int8")
 
 
 @dataclass
@@ -71,40 +68,13 @@ class _Seq:
     """Keys, values and length of a row swapped out by ``preempt``."""
 
 
-def apply_precision(model: Any, dtype: str, keep_float_layers: int = 4) -> Any:
-    """The model in the requested precision (see the module docstring); ``float32`` is a no-op.
-
-    ``int8`` keeps the linear layers of the last ``keep_float_layers`` decoder layers in float:
-    that is where per-user LoRA adapters and the PPO trainer's merged checkpoints go (peft wraps,
-    and checkpoints overwrite, float linear layers only). Everything else, the LM head included,
-    is quantised.
-    """
-    if dtype not in PRECISIONS:
-        raise ValueError(f"dtype={dtype!r}; known: {PRECISIONS}")
-    if dtype == "bfloat16":
-        return model.to(torch.bfloat16)
-    if dtype == "int8":
-        import warnings
-
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        layers = int(cfg.num_hidden_layers)
-        keep = {f"layers.{i}." for i in range(max(layers - keep_float_layers, 0), layers)}
-        names = {name for name, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and not any(k in name + "." for k in keep)}
-        spec = dict.fromkeys(names, torch.ao.quantization.default_dynamic_qconfig)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao's deprecation notice; the kernels are current
-            return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
-    return model
-
-
 class TorchEngine(Engine):
     def __init__(self, model: Any, tokenizer: Any, model_name: str, *, device: str | None = None,
                  eos_token_ids: Sequence[int] | None = None, cache_margin: int = 256,
                  cache_headroom: int = 128, dtype: str = "float32") -> None:
         self.device = torch.device(device or next(model.parameters()).device.type)
-        if dtype == "int8" and self.device.type != "cpu":
-            raise ValueError("int8 dynamic quantisation runs on CPUs only")
+        if dtype.startswith("int8") and self.device.type != "cpu":
+            raise ValueError(f"{dtype} quantisation runs on CPUs only")
         model = apply_precision(model.to(self.device), dtype)
         self.model = model.eval()
         self.dtype = dtype
@@ -138,7 +108,7 @@ class TorchEngine(Engine):
         return cls(loaded.model, loaded.tokenizer, name, device=dev, dtype=dtype)
 
     def _kv_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+        return kv_dtype(self.dtype)
 
     def _new_cache(self) -> RowKVCache:
         margin, headroom = self._cache_geometry
