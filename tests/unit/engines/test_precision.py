@@ -48,7 +48,7 @@ def test_the_engine_serves_in_bf16_with_a_bf16_kv_cache(tokenizer) -> None:
     engine = TorchEngine(tiny_llama(), tokenizer, "tiny", device="cpu", dtype="bfloat16")
     assert engine.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2  # k and v, 2 layers, 2 heads, head_dim 16, 2 bytes
     engine.submit(EngineRequest("a", (5, 6, 7), SamplingParams(max_tokens=5, ignore_eos=True)))
-    tokens = []
+    tokens: list[int] = []
     for _ in range(5):
         tokens += engine.execute(["a"])["a"].token_ids
     assert len(tokens) == 5
