@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 
-from flywheel.deployment import WorkerPlan, plan_workers
+from flywheel.deployment import WorkerPlan, plan_workers, read_measured_latencies
 from flywheel.supervisor import ChildSpec, Supervisor
 from infra.connect import connect
 from infra.runtime import run_async, setup_logging
@@ -32,9 +32,8 @@ def children(settings: Settings, plans: list[WorkerPlan], trainer: bool = True, 
     specs = [ChildSpec("router", ("router",)), ChildSpec("personalizer", ("personalizer",)),
              ChildSpec("rewarder", ("rewarder",))]
     for i, plan in enumerate(plans):
-        env = {"FLYWHEEL_WORKER_CPUS": ",".join(map(str, plan.cpus))} if plan.cpus else {}
         specs.append(ChildSpec(f"worker-{plan.model}-{i}", ("worker", "--model", plan.model,
-                                                             "--worker-id", f"{plan.model}-{i}"), env))
+                                                             "--worker-id", f"{plan.model}-{i}"), plan.env()))
     if trainer:
         specs.append(ChildSpec("trainer", ("trainer",)))
     if gateway:
@@ -42,17 +41,21 @@ def children(settings: Settings, plans: list[WorkerPlan], trainer: bool = True, 
     return specs
 
 
-async def prepare(settings: Settings) -> None:
-    """Local services up, migrations applied, topics created (idempotent)."""
+async def prepare(settings: Settings) -> dict[str, float]:
+    """Local services up, migrations applied, topics created (idempotent); returns the per-token
+    latencies earlier workers measured (their heartbeats), for the deployer."""
     await asyncio.to_thread(ensure_local_services, settings)
     services = await connect(settings, "flywheel-up", run_migrations=True, create_topics=True)
-    await services.close()
+    try:
+        return await read_measured_latencies(services)
+    finally:
+        await services.close()
 
 
 async def _run(args: argparse.Namespace) -> int:
     settings = get_settings()
-    await prepare(settings)
-    plans = plan_workers()
+    measured = await prepare(settings)
+    plans = plan_workers(per_token_ms=measured)
     for plan in plans:
         log.info("worker for %s on %s", plan.model, ", ".join(plan.devices))
     supervisor = Supervisor(children(settings, plans, not args.no_trainer, not args.no_gateway),
