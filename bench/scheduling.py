@@ -13,6 +13,8 @@
    ``memory_bound`` setting, for ``fcfs_continuous`` and ``slo_goodput`` (identical requests).
 5. ``sim_vs_real_error``: mean over the real runs of |sim - real| / real of the served requests'
    mean latency, the simulation replaying the identical requests and arrival times.
+6. ``deployment``: HELR against round robin on random heterogeneous devices, in the simulator
+   (``bench.scheduling_deploy``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from bench.scheduling_calibration import load_or_calibrate, probe_drift
+from bench.scheduling_deploy import compare as compare_deployments
 from bench.scheduling_real import describe, iteration_error, run_real
 from bench.scheduling_sim import evaluate, goodput_ratios, run_variant, tune, tuned_variants
 from bench.scheduling_workloads import SLACK_RANGE, SLO_CLASSES, WORKLOADS, capacity_rps, load_examples, split, workload
@@ -184,8 +187,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ratios: dict[str, Any] = {}
     tuning: dict[str, Any] = {}
     caps: dict[str, float] = {}
+    deployment: dict[str, Any] = {}
     if not args.real_only:
         sims, ratios, tuning, caps = _simulate(args, test, cost, predictor)
+        deployment = compare_deployments(test, cost, n_per_model=40 if args.quick else 120)
     real: dict[str, Any] = {}
     if engine is not None and not args.skip_real:
         real = _real(args, engine, test, cost, predictor, tuning.get("memory_bound"))
@@ -203,6 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "targets": _targets(ratios, real),
         "legacy_ratios": legacy,
         "tuning": tuning,
+        "deployment": deployment,
         "predictor": {"accuracy": report.accuracy, "within_one_bucket": report.within_one,
                       "majority_class_accuracy": report.majority_accuracy, "mae_tokens": report.mae_tokens,
                       "n_test": report.n, "n_train": len(train)},
