@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     worker_pipeline_parallel: int = Field(default=1, ge=1, description="vLLM pipeline stages (set by the deployer)")
     worker_pipeline_layers: str = Field(
         default="", description="layers per pipeline stage, e.g. '20,10' (HELR's split; set by the deployer)")
-    background_nice: int = Field(default=19, ge=0, le=19, description="nice value of trainer and personaliser")
+    background_nice: int = Field(default=10, ge=0, le=19, description="nice value of trainer and personaliser")
     background_max_wait_s: float = Field(
         default=20.0, ge=0, description="longest a learning step waits for busy workers to go quiet")
 
