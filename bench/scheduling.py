@@ -57,7 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sim-burst", type=int, default=200, help="requests in the simulated burst")
     parser.add_argument("--sim-requests", type=int, default=360, help="requests per simulated arrival-process run")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--real-requests", type=int, default=96)
+    parser.add_argument("--real-requests", type=int, default=64)
+    parser.add_argument("--real-setting", choices=("memory_bound", "compute_bound"), default="memory_bound")
+    parser.add_argument("--real-workloads", default=",".join(REAL_WORKLOADS))
+    parser.add_argument("--tuning-json", type=Path, default=None,
+                        help="with --real-only: take the tuned policies from an earlier run's JSON")
     parser.add_argument("--skip-real", action="store_true", help="simulation only")
     parser.add_argument("--real-only", action="store_true", help="the real section only (untuned defaults)")
     parser.add_argument("--recalibrate", action="store_true", help="ignore the cached calibration")
@@ -93,15 +97,16 @@ def _simulate(args: argparse.Namespace, pool: list[Any], cost: StepCostModel, pr
 
 def _real(args: argparse.Namespace, engine: Any, pool: list[Any], cost: StepCostModel, predictor: LengthPredictor,
           tuning: dict[str, Any] | None) -> dict[str, Any]:
-    base = _settings(args)["memory_bound"]
+    base = _settings(args)[args.real_setting]
     variants = tuned_variants(base, tuning)
+    workloads = args.real_workloads.split(",")
     by_prompt = {e.prompt: e for e in pool}
     real: dict[str, Any] = {}
     sim_for_real: dict[str, Any] = {}
     diagnostics: dict[str, Any] = {}
     errors: list[float] = []
     goodput_errors: list[float] = []
-    for wname in REAL_WORKLOADS:
+    for wname in workloads:
         # Sized for the speed the machine has now; both policies serve the identical requests.
         speed = probe_drift(engine, cost)
         now_cost = cost.scaled(speed)
@@ -127,11 +132,12 @@ def _real(args: argparse.Namespace, engine: Any, pool: list[Any], cost: StepCost
                                           "online_calibration_error": iteration_error(res.log, res.final_cost),
                                           "predictor_online_accuracy": res.online_accuracy}
     ratios = {w: _ratio(real[w]["slo_goodput"]["goodput_rps"], real[w]["fcfs_continuous"]["goodput_rps"])
-              for w in REAL_WORKLOADS}
+              for w in workloads}
     return {"real": real, "real_ratios": ratios, "sim_for_real": sim_for_real, "real_diagnostics": diagnostics,
             "sim_vs_real_error": float(np.mean(errors)) if errors else math.nan,
             "sim_vs_real_goodput_error": float(np.mean(goodput_errors)) if goodput_errors else math.nan,
-            "real_setting": "memory_bound", "real_requests": len(reqs)}
+            "real_setting": args.real_setting, "real_requests": len(reqs),
+            "real_tuning": tuning}
 
 
 def _targets(ratios: dict[str, Any], real: dict[str, Any]) -> dict[str, Any]:
@@ -192,8 +198,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sims, ratios, tuning, caps = _simulate(args, test, cost, predictor)
         deployment = compare_deployments(test, cost, n_per_model=40 if args.quick else 120)
     real: dict[str, Any] = {}
+    if args.tuning_json is not None and not tuning:
+        tuning = json.loads(args.tuning_json.read_text())["tuning"]
     if engine is not None and not args.skip_real:
-        real = _real(args, engine, test, cost, predictor, tuning.get("memory_bound"))
+        real = _real(args, engine, test, cost, predictor, tuning.get(args.real_setting))
     legacy = {}
     if "compute_bound" in sims:
         burst = sims["compute_bound"]["burst"]
