@@ -33,9 +33,11 @@ from agents.personalizer_store import PersonalizerStore, Shown, StateConflict, a
 from core.errors import ValidationError
 from core.personalization import ASLSConfig, ASLSStrategy, FeedbackEvent, ShownResponse, feedback_event_from_record
 from core.personalization.online import OnlineConfig, OnlinePersonalizer, UpdatePlan, UserState
+from core.scheduling.yielding import BackoffConfig
 from infra.connect import Services
 from infra.settings import Settings
 from infra.telemetry import ADAPTER_UPDATE_SECONDS, ADAPTERS_PUBLISHED
+from infra.yielding import ServingPressureWatcher, run_as_background
 from streams.dlq import DeadLetters
 from streams.events import event_time_ms, prompt_text
 
@@ -63,9 +65,12 @@ def referenced_requests(feedback: dict[str, Any]) -> list[str]:
 class Personalizer:
     """Applies feedback events; owns the adapter trainer (loaded once, used by one thread)."""
 
-    def __init__(self, settings: Settings, store: PersonalizerStore) -> None:
+    def __init__(self, settings: Settings, store: PersonalizerStore,
+                 pressure: ServingPressureWatcher | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.pressure = pressure
+        """When set, adapter training waits (bounded) while workers hold requests."""
         self.online = OnlinePersonalizer(OnlineConfig(min_events=settings.personalizer_min_events),
                                          ASLSStrategy(asls_config(settings)))
         self.store_root = settings.artifacts_dir.resolve() / "adapters"
@@ -143,6 +148,8 @@ class Personalizer:
         batch = plan.batch
         assert batch is not None
         decision = plan.decision
+        if self.pressure is not None:
+            await self.pressure.wait_for_quiet()  # learning yields to serving (bounded)
         update = await asyncio.to_thread(
             lambda: trainer.update(user.user_id, batch.pairs, batch.sft, current_dir, lr=decision.lr,
                                    steps=decision.steps, time_budget_s=self.settings.personalizer_update_budget_s))
@@ -169,7 +176,8 @@ def build(services: Services) -> faust.App:
     dlq = DeadLetters(sink, services.catalog.dlq("personalizer"), "personalizer")  # type: ignore[arg-type]
     catalog = services.catalog
     store = PersonalizerStore(services.pool)
-    personalizer = Personalizer(services.settings, store)
+    pressure = ServingPressureWatcher(services, BackoffConfig(max_wait_s=services.settings.background_max_wait_s))
+    personalizer = Personalizer(services.settings, store, pressure)
 
     @app.agent(raw_topic(app, catalog.requests), name="requests-to-shown")
     @exits_on_error
@@ -200,6 +208,8 @@ def build(services: Services) -> faust.App:
 
     @app.task
     async def warm_up() -> None:
+        run_as_background(services.settings.background_nice)  # the whole process yields the CPU to serving
+        await pressure.start()
         await personalizer.trainer()  # load the base model before the first feedback needs it
 
     return app

@@ -44,6 +44,7 @@ from core.routing.budget import RouteChoice
 from core.routing.eagle import EagleConfig
 from core.routing.local_quality import LocalQualityConfig, LocalQualityRanker
 from core.routing.state import RouterConfig, algorithm_of
+from core.slo import SloCheck
 from core.validation import RequestLimits, validate_request
 from infra.connect import Services
 from infra.settings import Settings
@@ -108,6 +109,8 @@ class Router:
         self.models = tuple(services.catalog.models)
         self.limits = RequestLimits(services.settings.max_prompt_chars, services.settings.max_tokens_limit)
         self.liveness = Liveness()
+        self.slo = SloCheck(stale_s=HEARTBEAT_STALE_S)
+        """Workers' calibrated speeds and backlogs: prefer models predicted to meet the deadline."""
         self.embedder = get_embedder()
         self.name = algorithm_of(self.config)
         c = self.config
@@ -143,6 +146,7 @@ class Router:
                             continue  # heartbeats are advisory; a bad one only misses an update
                         # Old heartbeats replayed at start are dated by their own time, so they age out.
                         self.liveness.on_heartbeat(event, min(time.time(), event_time_ms(event) / 1000))
+                        self.slo.on_heartbeat(event, min(time.time(), event_time_ms(event) / 1000))
         finally:
             await consumer.stop()
 
@@ -171,7 +175,10 @@ class Router:
             request = dict(request, max_tokens=min(request["max_tokens"], best))
             candidates = self.candidates(request)
         live = self.liveness.live_models(time.time()) or await self.wait_for_live()
+        live, slo_note = self.slo.prefer_feasible(live, request, time.time())
         choice = self.rank_once(embedding, candidates, budget, request, live)
+        if slo_note:
+            choice = dataclasses.replace(choice, reason=f"{choice.reason}; {slo_note}")
         return {
             **envelope(request["request_id"], request["tenant_id"], request["user_id"]),
             "request": request,

@@ -35,6 +35,7 @@ class TimedEngine(Engine):
         self.model_name = inner.model_name
         self._ctx: dict[str, int] = {}
         self._prompt_len: dict[str, int] = {}
+        self._recompute: dict[str, int] = {}  # preempted rows: tokens their re-prefill covers
         self.log: list[tuple[int, int, int, int, float]] = []
         """(decode rows, decode window, prefill rows, longest joining prompt, seconds) per execute."""
 
@@ -47,29 +48,44 @@ class TimedEngine(Engine):
 
     def execute(self, batch: Sequence[str]) -> dict[str, TokenOutput]:
         joining = [r for r in batch if r not in self._ctx]
+        prefill = {r: self._recompute.pop(r, self._prompt_len[r]) for r in joining}
         window = max((self._ctx[r] for r in batch if r in self._ctx), default=0)
         t0 = time.perf_counter()
         out = self.inner.execute(batch)
         dt = time.perf_counter() - t0
         for r in joining:
-            self._ctx[r] = self._prompt_len[r]
+            self._ctx[r] = prefill[r]
         for r in batch:  # every row, padding included, adds one token to its cache
             self._ctx[r] += 1
-        self.log.append(
-            (
-                len(batch) - len(joining),
-                window,
-                len(joining),
-                max((self._prompt_len[r] for r in joining), default=0),
-                dt,
-            )
-        )
+        self.log.append((len(batch) - len(joining), window, len(joining), max(prefill.values(), default=0), dt))
         return out
 
     def release(self, request_id: str) -> None:
         self._ctx.pop(request_id, None)
         self._prompt_len.pop(request_id, None)
+        self._recompute.pop(request_id, None)
         self.inner.release(request_id)
+
+    @property
+    def supports_preemption(self) -> bool:
+        return self.inner.supports_preemption
+
+    @property
+    def supports_swap(self) -> bool:
+        return self.inner.supports_swap
+
+    def preempt(self, request_id: str, swap: bool = False) -> None:
+        self.inner.preempt(request_id, swap)
+        if not swap and request_id in self._ctx:  # recompute: it joins again with a prefill of its context
+            self._recompute[request_id] = self._ctx.pop(request_id)
+
+    @property
+    def kv_bytes_per_token(self) -> int | None:
+        return self.inner.kv_bytes_per_token
+
+    @property
+    def device_name(self) -> str:
+        return self.inner.device_name
 
     def load_adapter(self, adapter_hash: str, path: str) -> None:
         self.inner.load_adapter(adapter_hash, path)
@@ -134,7 +150,7 @@ def prefill_sample(engine: Engine, rows: int, length: int) -> tuple[int, int, fl
 def loop_overhead_s(engine: Engine, requests: int = 8, tokens: int = 12) -> float:
     """Per-iteration time the serving loop spends outside ``engine.execute``."""
     timed = TimedEngine(engine)
-    loop = ServingLoop(timed, config=ServingConfig(policy="fcfs_continuous", learn_online=False))
+    loop = ServingLoop(timed, config=ServingConfig(policy="fcfs_continuous", learn_online=False, online_cost=None))
     for i in range(requests):
         loop.admit(
             ServeRequest(

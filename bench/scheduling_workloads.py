@@ -13,8 +13,10 @@ per request. Requests are labelled by the third of that range they fall in (``in
 These values were fixed before any policy was run and are not tuned to the results.
 
 Load. ``capacity_rps`` is the saturated throughput (requests/s) of ``fcfs_continuous`` at the
-batch cap on a long burst, simulated with the calibrated cost model; ``poisson_X`` draws
-exponential inter-arrival gaps at X% of it.
+batch cap (and KV budget) on a long burst, simulated with the calibrated cost model; ``poisson_X``
+draws exponential inter-arrival gaps at X% of it (``overload_120``: 120 %, more than the engine
+can serve, the regime where FCFS collapses); ``onoff`` alternates ``ONOFF_PERIOD`` of Poisson
+arrivals at twice its mean load with the same time of silence (bursty traffic, 90 % on average).
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ SLACK_RANGE = (2.0, 10.0)
 """Deadline slack, uniform per request (UELLM replication plan, workload W2)."""
 SLO_CLASSES: tuple[str, ...] = ("interactive", "standard", "batch")
 """Labels for the lower, middle and upper third of ``SLACK_RANGE``."""
-WORKLOADS: dict[str, float | None] = {"burst": None, "poisson_50": 0.5, "poisson_80": 0.8, "poisson_95": 0.95}
-"""Workload name -> load as a share of capacity (None: every request arrives at t = 0)."""
+WORKLOADS: dict[str, float | None] = {"burst": None, "poisson_50": 0.5, "poisson_80": 0.8, "poisson_95": 0.95,
+                                      "overload_120": 1.2, "onoff": 0.9}
+"""Workload name -> mean load as a share of capacity (None: every request arrives at t = 0)."""
+ONOFF_PERIOD_SERVICES = 4.0
+"""``onoff`` switches every this many mean isolated service times (on, then as long off)."""
 
 
 @dataclass(frozen=True)
@@ -96,15 +101,22 @@ def make_workload(
     seed: int,
     prefix: str = "r",
     slack_range: tuple[float, float] = SLACK_RANGE,
+    onoff_period_s: float | None = None,
 ) -> list[SimRequest]:
-    """``n`` requests drawn from ``pool``; all at t = 0 when ``rate_rps`` is None, else Poisson."""
+    """``n`` requests drawn from ``pool``; all at t = 0 when ``rate_rps`` is None, else Poisson at
+    ``rate_rps`` on average, or, with ``onoff_period_s``, at twice that during alternate periods."""
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(pool), size=n, replace=n > len(pool))
     if rate_rps is None:
         arrivals = np.zeros(n)
-    else:
+    elif onoff_period_s is None:
         arrivals = np.cumsum(rng.exponential(1.0 / rate_rps, size=n))
         arrivals -= arrivals[0]
+    else:
+        # Poisson at 2x the mean rate in "on" time; every on-period is followed by as long a silence.
+        on_time = np.cumsum(rng.exponential(1.0 / (2 * rate_rps), size=n))
+        on_time -= on_time[0]
+        arrivals = on_time + np.floor(on_time / onoff_period_s) * onoff_period_s
     lo, hi = slack_range
     slacks = rng.uniform(lo, hi, size=n)
     out = []
@@ -124,6 +136,19 @@ def make_workload(
             )
         )
     return out
+
+
+def mean_isolated_service_s(pool: Sequence[Example], cost: StepCostModel) -> float:
+    return float(np.mean([isolated_service_s(len(e.prompt_ids), e.output_tokens, cost) for e in pool]))
+
+
+def workload(pool: Sequence[Example], name: str, n: int, cap_rps: float, cost: StepCostModel, *, seed: int,
+             prefix: str = "r", slack_range: tuple[float, float] = SLACK_RANGE) -> list[SimRequest]:
+    """The named workload (``WORKLOADS``) at the given capacity."""
+    load = WORKLOADS[name]
+    period = ONOFF_PERIOD_SERVICES * mean_isolated_service_s(pool, cost) if name == "onoff" else None
+    return make_workload(pool, n, None if load is None else load * cap_rps, cost, seed=seed, prefix=prefix,
+                         slack_range=slack_range, onoff_period_s=period)
 
 
 def capacity_rps(

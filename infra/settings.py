@@ -105,6 +105,29 @@ class Settings(BaseSettings):
                     "(keep below FLYWHEEL_TRAINER_REWARD_TIMEOUT_S, when the trainer lets it go)")
     reward_join_wait_s: float = Field(
         default=10.0, ge=0, description="how long a feedback example waits for the texts it is about")
+    # --- Serving
+    worker_policy: Literal["slo_goodput", "slo_odbs", "fcfs_continuous", "fcfs_static", "sjf"] = Field(
+        default="slo_goodput", description="the workers' scheduling policy (docs/SCHEDULING.md)")
+    worker_max_batch: int = Field(default=32, ge=1, description="rows per engine iteration")
+    worker_dtype: Literal["float32", "bfloat16", "int8-weight"] = Field(
+        default="float32", description="torch engine weight precision on CPUs (docs/SCHEDULING.md, engine benchmark)")
+    worker_kv_budget_mb: float = Field(default=384.0, ge=0, description="paged KV budget per worker; 0 = unlimited")
+    worker_kv_block_tokens: int = Field(default=16, ge=1, description="tokens per KV block")
+    worker_preemption: Literal["recompute", "swap"] = Field(
+        default="swap", description="how a preempted request gives up its KV")
+    worker_swap_budget_mb: float = Field(default=256.0, ge=0, description="host memory for swapped-out KV")
+    worker_shorten_min_tokens: int = Field(
+        default=16, ge=0, description="admission control shortens a hopeless request to at least this many "
+                                      "tokens instead of rejecting it; 0 = never shorten")
+    worker_reroute: bool = Field(default=True, description="hand hopeless requests to a cheaper live model")
+    worker_aging_s: float = Field(default=60.0, gt=0, description="waiting this long promotes a request one SLO class")
+    worker_tensor_parallel: int = Field(default=1, ge=1, description="vLLM tensor-parallel size (set by the deployer)")
+    worker_pipeline_parallel: int = Field(default=1, ge=1, description="vLLM pipeline stages (set by the deployer)")
+    worker_pipeline_layers: str = Field(
+        default="", description="layers per pipeline stage, e.g. '20,10' (HELR's split; set by the deployer)")
+    background_nice: int = Field(default=10, ge=0, le=19, description="nice value of trainer and personaliser")
+    background_max_wait_s: float = Field(
+        default=20.0, ge=0, description="longest a learning step waits for busy workers to go quiet")
 
     @property
     def artifacts_dir(self) -> Path:

@@ -198,6 +198,11 @@ class InferenceResponse(Event, frozen=True, kw_only=True):
     worker_id: str
     cost_usd: float = 0.0
     error: str | None = None
+    admission: str | None = None
+    """
+    Why admission control changed this request: rejected (finish_reason deadline), rerouted from
+    another model, or shortened to fewer max tokens. Null: served as asked.
+    """
 
 
 class ModelPublished(Event, frozen=True, kw_only=True):
@@ -291,6 +296,24 @@ class RoutingDecision(Event, frozen=True, kw_only=True):
     """
 
 
+class StepCost(Record, frozen=True, kw_only=True):
+    """
+    The worker's step-cost model, calibrated online from its own iterations (seconds): decode(B, W)
+    = decode_base_s + decode_per_row_s B + decode_per_cell_s B W; prefill(n, P) = prefill_base_s +
+    prefill_per_token_s n P; plus overhead_s per iteration.
+    """
+
+    AVRO_NAME: ClassVar[str] = "dev.flywheel.StepCost"
+    decode_base_s: float
+    decode_per_row_s: float
+    decode_per_cell_s: float
+    prefill_base_s: float
+    prefill_per_token_s: float
+    overhead_s: float = 0.0
+    samples: int = 0
+    """Iterations the calibration has seen (0 = still the prior)."""
+
+
 class WorkerHeartbeat(Event, frozen=True, kw_only=True):
     """A worker's liveness and load. Compacted topic; key: worker_id."""
 
@@ -306,6 +329,27 @@ class WorkerHeartbeat(Event, frozen=True, kw_only=True):
     loaded_adapters: list[str] = msgspec.field(default_factory=list)
     policy: str = ""
     interval_ms: int = 2000
+    device: str = ""
+    """Where the worker's engine runs (cpu, cuda:0, ...)."""
+    step_cost: StepCost | None = None
+    """Null for workers that do not calibrate."""
+    max_batch: int = 32
+    """Rows per iteration the worker's scheduler allows."""
+    backlog_s: float = 0.0
+    """Predicted seconds before a request arriving now could join the batch."""
+    mean_output_tokens: float = 0.0
+    """Mean length of recent answers (0 = none yet)."""
+    kv_blocks_total: int = 0
+    """KV budget in blocks (0 = unlimited)."""
+    kv_blocks_used: int = 0
+    preemptions: int = 0
+    """Requests preempted to free KV memory since start."""
+    rejected: int = 0
+    """Requests rejected by admission control since start."""
+    rerouted: int = 0
+    """Requests handed to a cheaper model since start."""
+    shortened: int = 0
+    """Requests served with fewer max tokens since start."""
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
@@ -340,6 +384,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
     "dev.flywheel.Rollout": Rollout,
     "dev.flywheel.RoutingDecision": RoutingDecision,
     "dev.flywheel.SamplingParams": SamplingParams,
+    "dev.flywheel.StepCost": StepCost,
     "dev.flywheel.WorkerHeartbeat": WorkerHeartbeat,
 }
 """Full Avro name -> class, for every record (nested ones included)."""

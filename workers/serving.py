@@ -2,11 +2,15 @@
 
 One ``step()`` is one iteration, exactly schedule -> execute -> update (vLLM v1's EngineCore):
 
-1. drain the inbox (requests and aborts handed in by other threads), tokenise, predict lengths;
-2. ``plan = policy.schedule(now)``; hand newly admitted requests to the engine;
+1. drain the inbox (requests and aborts handed in by other threads), tokenise, predict lengths
+   (as distributions);
+2. ``plan = policy.schedule(now)``; admission verdicts become finals at once (rejected,
+   rerouted) or a lower cap (shortened); preempted requests leave the engine (recompute or swap);
+   newly admitted requests are handed to the engine;
 3. ``outputs = engine.execute(plan.batch)``; stream each text delta as a ``ChunkEvent``;
 4. ``policy.update(plan, results)``; every completed request is released from the engine, gets
-   one ``FinalEvent`` and teaches the length predictor its true output length.
+   one ``FinalEvent`` and teaches the length predictor its true output length;
+5. the iteration's shape and engine time teach the online cost model, which the policy reads.
 
 Threading: ``admit`` and ``abort`` only append to a thread-safe inbox, so an asyncio thread can
 call them without waiting for a step; ``step`` and the weight-changing calls (adapters,
@@ -26,8 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.scheduling.calibration import OnlineCostConfig, OnlineCostModel
 from core.scheduling.cost import StepCostModel
-from core.scheduling.policies import SchedulerConfig, StepResult, make_scheduler
+from core.scheduling.policies import Plan, SchedulerConfig, StepResult, Verdict, make_scheduler
 from core.scheduling.predictor import LengthPredictor
 from core.scheduling.state import SchedRequest
 from workers.engines.base import BASE_ADAPTER, Engine, EngineRequest, SamplingParams
@@ -48,6 +53,8 @@ class ServeRequest:
     """Arrival on the loop's clock; None = when ``step`` first sees it."""
     prompt_ids: tuple[int, ...] | None = None
     """Already tokenised prompt (skips the chat template)."""
+    reroutable: bool = False
+    """A cheaper model may take it if it cannot meet its SLO here (the final says ``rerouted``)."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ class FinalEvent:
     total_s: float
     """Arrival to completion."""
     finish_reason: str
-    """``stop``, ``length`` or ``abort``."""
+    """``stop``, ``length``, ``rejected`` or ``rerouted`` (admission control: not served here)."""
     adapter_version: str
     """Adapter hash used, or "" for the base model."""
     model_version: str
@@ -83,6 +90,9 @@ class FinalEvent:
     output_token_ids: tuple[int, ...] = ()
     output_logprobs: tuple[float, ...] = ()
     """Per generated token, under the model that generated it (empty if the engine cannot say)."""
+    note: str = ""
+    """Why admission control rejected, rerouted or shortened the request ("" = served as asked)."""
+    preemptions: int = 0
 
 
 ServeEvent = ChunkEvent | FinalEvent
@@ -100,6 +110,8 @@ class ServingConfig:
     """Teach the predictor each completed request's true length."""
     rate_window_s: float = 10.0
     """Window of the tokens/s figure in ``stats()``."""
+    online_cost: OnlineCostConfig | None = field(default_factory=OnlineCostConfig)
+    """Calibrate the policy's step-cost model from this loop's own iterations; None = keep the given one."""
 
 
 @dataclass
@@ -116,6 +128,9 @@ class _Live:
     model_version: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    note: str = ""
+    in_engine: bool = False
+    """Submitted to the engine (a preempted request stays submitted)."""
 
 
 class ServingLoop:
@@ -126,12 +141,22 @@ class ServingLoop:
         self.predictor = predictor or LengthPredictor()
         self.config = config or ServingConfig()
         self.clock = clock
-        self.scheduler = make_scheduler(self.config.policy, self.config.scheduler, cost)
+        sched = self.config.scheduler
+        if sched.kv.limited and not engine.supports_preemption:
+            raise ValueError(f"a KV budget needs an engine that can preempt; {type(engine).__name__} cannot")
+        if sched.preemption == "swap" and not engine.supports_swap:
+            raise ValueError(f"preemption='swap' needs an engine that swaps; {type(engine).__name__} cannot")
+        self.scheduler = make_scheduler(self.config.policy, sched, cost)
+        self.calibration = (OnlineCostModel(self.scheduler.cost, self.config.online_cost)
+                            if self.config.online_cost is not None else None)
         self._live: dict[str, _Live] = {}
         self._inbox: deque[tuple[str, Any]] = deque()
         self._lock = threading.Lock()
         self._rate: deque[tuple[float, int]] = deque()
+        self._lengths: deque[int] = deque(maxlen=200)
+        self._ctx: dict[str, int] = {}  # KV tokens of each resident row, for the cost model's window
         self.steps = 0
+        self.verdicts: dict[str, int] = {"reject": 0, "reroute": 0, "shorten": 0}
 
     # --- thread-safe entry points ------------------------------------------------------------
     def admit(self, request: ServeRequest) -> None:
@@ -156,20 +181,30 @@ class ServingLoop:
     # --- the iteration --------------------------------------------------------------------------
     def step(self) -> list[ServeEvent]:
         with self._lock:
+            wall = self.clock()
             self._drain()
             plan = self.scheduler.schedule(self.clock())
+            events: list[ServeEvent] = [final for v in plan.verdicts if (final := self._apply_verdict(v)) is not None]
+            for rid in plan.preempted:
+                sreq = self.scheduler.get(rid)
+                self.engine.preempt(rid, swap=bool(sreq is not None and sreq.swapped))
+                self._ctx.pop(rid, None)
             if plan.is_empty:
-                return []
+                return events
             start = self.clock()
             for rid in plan.admitted:
                 live = self._live[rid]
-                live.admitted_s = start
-                live.model_version = self.engine.model_version
-                self.engine.submit(EngineRequest(rid, live.prompt_ids, live.req.sampling, live.req.adapter))
+                if live.admitted_s is None:
+                    live.admitted_s = start
+                if not live.in_engine:  # a preempted request is resumed by the engine itself
+                    live.model_version = self.engine.model_version
+                    self.engine.submit(EngineRequest(rid, live.prompt_ids, live.req.sampling, live.req.adapter))
+                    live.in_engine = True
+            shape = self._shape(plan)
             outputs = self.engine.execute(plan.batch)
             now = self.clock()
+            self._learn_cost(shape, now - start, (start - wall))
             self.steps += 1
-            events: list[ServeEvent] = []
             results: dict[str, StepResult] = {}
             produced = 0
             for rid in plan.batch:
@@ -192,6 +227,42 @@ class ServingLoop:
                 events.append(self._finish(req, now))
             return events
 
+    def _apply_verdict(self, v: Verdict) -> FinalEvent | None:
+        """A shortened request gets its new cap; a rejected or rerouted one its final, now."""
+        self.verdicts[v.action] += 1
+        live = self._live[v.request_id]
+        live.note = v.reason
+        if v.action == "shorten":
+            assert v.max_tokens is not None
+            live.req = dataclasses.replace(live.req, sampling=dataclasses.replace(live.req.sampling,
+                                                                                   max_tokens=v.max_tokens))
+            return None
+        del self._live[v.request_id]
+        now = self.clock()
+        return FinalEvent(
+            request_id=v.request_id, text="", prompt_tokens=len(live.prompt_ids), output_tokens=0,
+            queue_s=now - live.arrival_s, first_token_s=now - live.arrival_s, total_s=now - live.arrival_s,
+            finish_reason="rejected" if v.action == "reject" else "rerouted", adapter_version="",
+            model_version=self.engine.model_version, predicted_tokens=live.predicted, slo_met=False,
+            prompt_token_ids=live.prompt_ids, note=v.reason)
+
+    def _shape(self, plan: Plan) -> tuple[int, int, int, int]:
+        """(decode rows, KV window, prefill rows, longest prefill) of the iteration about to run."""
+        joining = set(plan.admitted)
+        decoding = [rid for rid in plan.batch if rid not in joining]
+        window = max((self._ctx.get(rid, 0) + 1 for rid in decoding), default=0)
+        prefill = {}
+        for rid in plan.admitted:
+            sreq = self.scheduler.get(rid)
+            prefill[rid] = sreq.context_tokens if sreq is not None else len(self._live[rid].prompt_ids)
+        for rid in plan.batch:
+            self._ctx[rid] = prefill[rid] if rid in joining else self._ctx.get(rid, 0) + 1
+        return len(decoding), window, len(prefill), max(prefill.values(), default=0)
+
+    def _learn_cost(self, shape: tuple[int, int, int, int], engine_s: float, outside_s: float) -> None:
+        if self.calibration is not None and self.calibration.observe(*shape, engine_s, overhead_s=outside_s):
+            self.scheduler.cost = self.calibration.model
+
     def _drain(self) -> None:
         while self._inbox:
             kind, item = self._inbox.popleft()
@@ -199,6 +270,7 @@ class ServingLoop:
                 if self.scheduler.abort(item) is not None:
                     self.engine.release(item)
                 self._live.pop(item, None)
+                self._ctx.pop(item, None)
                 continue
             req: ServeRequest = item
             if req.request_id in self._live:
@@ -209,22 +281,27 @@ class ServingLoop:
                 req = dataclasses.replace(req, adapter=None)
             ids = req.prompt_ids or tuple(self.engine.encode_prompt(req.prompt))
             arrival = req.arrival_s if req.arrival_s is not None else self.clock()
-            predicted = self.predictor.predict(req.prompt).tokens
+            prediction = self.predictor.predict(req.prompt)
+            predicted = prediction.tokens
+            length = prediction.distribution
             if self.config.clamp_prediction_to_max_tokens:
                 predicted = min(predicted, float(req.sampling.max_tokens))
+                length = length.capped(req.sampling.max_tokens) if length is not None else None
             self._live[req.request_id] = _Live(req, ids, arrival, predicted)
             self.scheduler.add(SchedRequest(
                 request_id=req.request_id, arrival_s=arrival, prompt_tokens=len(ids),
                 predicted_tokens=max(predicted, 1.0), max_tokens=req.sampling.max_tokens,
                 deadline_s=arrival + req.slo_s if req.slo_s is not None else math.inf,
-                slo_class=req.slo_class,
+                slo_class=req.slo_class, length=length, reroutable=req.reroutable,
             ))
 
     def _finish(self, sreq: SchedRequest, now: float) -> FinalEvent:
         rid = sreq.request_id
         self.engine.release(rid)
+        self._ctx.pop(rid, None)
         live = self._live.pop(rid)
-        if self.config.learn_online:
+        self._lengths.append(sreq.generated)
+        if self.config.learn_online and not live.note:  # a shortened answer's length is not its natural one
             self.predictor.observe(live.req.prompt, sreq.generated)
         admitted = live.admitted_s if live.admitted_s is not None else now
         first = live.first_token_s if live.first_token_s is not None else now
@@ -237,6 +314,7 @@ class ServingLoop:
             slo_met=None if live.req.slo_s is None else now - live.arrival_s <= live.req.slo_s,
             prompt_token_ids=live.prompt_ids, output_token_ids=tuple(live.token_ids),
             output_logprobs=tuple(live.logprobs) if len(live.logprobs) == len(live.token_ids) else (),
+            note=live.note, preemptions=sreq.preemptions,
         )
 
     # --- weights (between iterations) -------------------------------------------------------------
@@ -259,6 +337,7 @@ class ServingLoop:
         while self._rate and self._rate[0][0] < now - self.config.rate_window_s:
             self._rate.popleft()
         span = min(self.config.rate_window_s, max(now - self._rate[0][0], 1e-9)) if self._rate else 1.0
+        sched = self.scheduler
         return {
             "queue_length": self.queue_length,
             "running": self.running,
@@ -268,6 +347,16 @@ class ServingLoop:
             "model_version": self.engine.model_version,
             "policy": self.config.policy,
             "predictor_accuracy": self.predictor.recent_accuracy,
+            "step_cost": sched.cost,
+            "cost_samples": self.calibration.samples if self.calibration is not None else 0,
+            "max_batch": sched.config.max_batch,
+            "backlog_s": sched.backlog_s(now),
+            "mean_output_tokens": sum(self._lengths) / len(self._lengths) if self._lengths else 0.0,
+            "kv_blocks_total": sched.config.kv.total_blocks,
+            "kv_blocks_used": sched.ledger.used,
+            "preemptions": sched.preemptions,
+            "verdicts": dict(self.verdicts),
+            "device": self.engine.device_name,
         }
 
 

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
+from core.scheduling.yielding import BackoffConfig
 from infra.connect import Services
 from infra.telemetry import TRAINER_REWARD, TRAINER_STEPS
+from infra.yielding import ServingPressureWatcher, run_as_background
 from streams.dlq import DeadLetters
 from streams.events import envelope
 from streams.kafka import EventConsumer, EventProducer, Received, fetch_committed
@@ -44,6 +46,8 @@ class TrainerServiceConfig:
     model: str = "smollm2-135m"
     """The model whose policy is trained (rollouts of other models are ignored)."""
     score_every_s: float = 5.0
+    yield_to_serving: bool = True
+    """Run at low CPU priority and wait (bounded) before each PPO step while workers hold requests."""
 
 
 def resume_actor(actor: torch.nn.Module, checkpoint_dir: Path) -> None:
@@ -84,6 +88,9 @@ class TrainerService:
         self.txn_lock = asyncio.Lock()
         self.stop = asyncio.Event()
         self.steps_published = 0
+        settings = services.settings
+        self.pressure = ServingPressureWatcher(services, BackoffConfig(max_wait_s=settings.background_max_wait_s)) \
+            if config.yield_to_serving else None
 
     async def resume(self) -> None:
         """Continue from the newest checkpoint of our model on the models topic, if any."""
@@ -180,6 +187,8 @@ class TrainerService:
     async def train_when_ready(self) -> None:
         self.trainer.score_expired()
         while self.trainer.ready():
+            if self.pressure is not None:
+                await self.pressure.wait_for_quiet()  # learning yields to serving (bounded)
             started = time.monotonic()
             result = await asyncio.to_thread(self.trainer.step)
             self.steps_published += 1
@@ -193,6 +202,9 @@ class TrainerService:
         await self._publish(None)
 
     async def run(self) -> None:
+        if self.pressure is not None:
+            run_as_background(self.s.settings.background_nice)
+            await self.pressure.start()
         await self.producer.start()
         await self.plain.start()
         await self.resume()
@@ -226,3 +238,5 @@ class TrainerService:
                 await self.consumer.stop()
             await self.producer.stop()
             await self.plain.stop()
+            if self.pressure is not None:
+                await self.pressure.stop()

@@ -12,12 +12,20 @@ indexes, which readers deduplicate. A request id found in the ``final_responses`
 generated again. On a rebalance the worker aborts the work of revoked partitions and finishes any
 transaction in flight before giving them up, so the new owner starts exactly after the last
 committed answer.
+
+Admission control. A request the scheduler cannot serve by its deadline is answered at once
+with ``finish_reason: deadline`` and the reason in ``admission`` (nothing is generated), or, when
+the routing decision named a cheaper live model, its decision is forwarded to that model's
+topic (in the same transaction as the offset past it, so it is neither lost nor doubled) and the
+cheaper model's final carries the reason. A request is rerouted at most once. A request served
+with fewer max tokens says so in ``admission`` too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -41,6 +49,7 @@ from streams.kafka import EventConsumer, EventProducer, Received, fetch_committe
 from streams.offsets import OffsetTracker
 from streams.tracing import process_context
 from workers.engines.base import SamplingParams
+from workers.reroute import REROUTE_REASON, reroute_target, rerouted_decision
 from workers.serving import ChunkEvent, FinalEvent, ServeRequest, ServingLoop
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,8 @@ class WorkerConfig:
     heartbeat_interval_s: float = 2.0
     max_adapters: int = 16
     """LoRA adapters kept loaded (least recently used are unloaded)."""
+    reroute: bool = True
+    """Hand requests that cannot meet their SLO here to a cheaper live model from the decision."""
 
 
 @dataclass
@@ -88,12 +99,15 @@ class InferenceWorker:
         self.dlq = DeadLetters(self.chunks, self.catalog.dlq("worker"), "worker")
         self.tracker = OffsetTracker()
         self.inflight: dict[str, _InFlight] = {}
+        self._decisions: dict[str, dict[str, Any]] = {}  # decisions being admitted (before inflight)
+        self.rerouted = 0
         self.user_adapters: dict[str, tuple[str, str]] = {}  # user -> (hash, uri), newest announced
         self.loaded: OrderedDict[str, None] = OrderedDict()
         self.events: asyncio.Queue[list[Any]] = asyncio.Queue()
         self.txn_lock = asyncio.Lock()
         self.stop = asyncio.Event()
         self._wake = threading.Event()
+        self._beat_now = asyncio.Event()
         self._rng = random.Random(config.worker_id)
 
     # -- engine thread -------------------------------------------------------------------------
@@ -134,13 +148,18 @@ class InferenceWorker:
                 continue
             try:
                 validate_request(request, self.limits)
+                self._decisions[rid] = decision
                 serve = await self._serve_request(request)
             except DeadLetterError as exc:
                 await self.dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
                                        value=r.value, headers=item.headers, error=exc, event=decision)
                 self.tracker.seen_offset(tp, r.offset, open_=False)
                 continue
+            finally:
+                self._decisions.pop(rid, None)
             self.tracker.seen_offset(tp, r.offset, open_=True)
+            if not self.inflight:
+                self._beat_now.set()  # idle -> busy: tell background learners now, not at the next beat
             self.inflight[rid] = _InFlight(tp, r.offset, decision, item.headers)
             self.serving.admit(serve)
         self._wake.set()
@@ -158,8 +177,15 @@ class InferenceWorker:
                                 stop=tuple(sampling["stop"]) + format_stops)
         slo_s = max(0.0, (deadline_ms(request) - event_time_ms(request)) / 1000.0)
         adapter = await self._adapter_for(request["user_id"])
+        reroutable = self.config.reroute and self._reroute_target(request["request_id"], request) is not None
         return ServeRequest(request_id=request["request_id"], prompt=prompt_text(request), sampling=params,
-                            adapter=adapter, slo_s=slo_s, slo_class=request["slo_class"], prompt_ids=prompt_ids)
+                            adapter=adapter, slo_s=slo_s, slo_class=request["slo_class"], prompt_ids=prompt_ids,
+                            reroutable=reroutable)
+
+    def _reroute_target(self, request_id: str, request: dict[str, Any]) -> str | None:
+        flight = self.inflight.get(request_id)
+        decision = flight.decision if flight is not None else self._decisions.get(request_id)
+        return reroute_target(decision, self.config.model) if decision is not None else None
 
     async def _adapter_for(self, user_id: str) -> str | None:
         """The user's newest adapter, loaded on first use. Only this user's requests get it."""
@@ -194,20 +220,25 @@ class InferenceWorker:
     # -- producing answers -----------------------------------------------------------------------
     def _response(self, final: FinalEvent, flight: _InFlight) -> dict[str, Any]:
         request = flight.decision["request"]
+        notes = [n for n in (request.get("metadata", {}).get(REROUTE_REASON, ""), final.note) if n]
+        if final.finish_reason in ("stop", "length"):
+            reason = final.finish_reason
+        else:
+            reason = "deadline" if final.finish_reason == "rejected" else "error"
         return {
             **envelope(request["request_id"], request["tenant_id"], request["user_id"]),
             "request_id": request["request_id"], "model": self.config.model, "model_version": final.model_version,
             "adapter_version": final.adapter_version or None, "text": final.text,
             "prompt_tokens": final.prompt_tokens, "completion_tokens": final.output_tokens,
             "queue_ms": final.queue_s * 1000, "first_token_ms": final.first_token_s * 1000,
-            "total_ms": final.total_s * 1000,
-            "finish_reason": final.finish_reason if final.finish_reason in ("stop", "length") else "error",
+            "total_ms": final.total_s * 1000, "finish_reason": reason,
             "worker_id": self.config.worker_id,
             "cost_usd": self.spec.cost(final.prompt_tokens, final.output_tokens), "error": None,
+            "admission": "; ".join(notes) or None,
         }
 
     def _rollout(self, final: FinalEvent, flight: _InFlight) -> dict[str, Any] | None:
-        if self._rng.random() >= self.config.rollout_sample:
+        if final.finish_reason not in ("stop", "length") or self._rng.random() >= self.config.rollout_sample:
             return None
         request = flight.decision["request"]
         if not final.output_logprobs:
@@ -220,22 +251,33 @@ class InferenceWorker:
             "token_logprobs": list(final.output_logprobs), "source": "live"}
 
     async def _commit(self, finals: list[tuple[FinalEvent, _InFlight]]) -> None:
-        """Produce finals (and rollouts) and commit offsets: atomically where transactions exist."""
-        responses = [(self._response(f, fl), fl) for f, fl in finals]
-        rollouts = [r for final, flight in finals if (r := self._rollout(final, flight)) is not None]
+        """Produce finals (and rollouts, and rerouted decisions) and commit offsets: atomically where
+        transactions exist."""
+        forwards: list[tuple[dict[str, Any], _InFlight]] = []
+        answered: list[tuple[FinalEvent, _InFlight]] = []
+        for final, flight in finals:
+            target = reroute_target(flight.decision, self.config.model) if final.finish_reason == "rerouted" else None
+            if target is not None:
+                forwards.append((rerouted_decision(flight.decision, target, final.note, self.config.worker_id), flight))
+            elif final.finish_reason == "rerouted":  # the cheaper model went away: answer as rejected
+                answered.append((dataclasses.replace(final, finish_reason="rejected"), flight))
+            else:
+                answered.append((final, flight))
+        responses = [(self._response(f, fl), fl) for f, fl in answered]
+        rollouts = [r for final, flight in answered if (r := self._rollout(final, flight)) is not None]
         async with self.txn_lock:
-            for _, flight in responses:
+            for _, flight in (*responses, *forwards):
                 self.tracker.close(flight.tp, flight.offset)
             positions = self.tracker.positions()
-            if not responses and not positions:
+            if not responses and not forwards and not positions:
                 return
             if self.finals.transactional:
                 async with self.finals.raw.transaction():
-                    await self._send(responses, rollouts)
+                    await self._send(responses, rollouts, forwards)
                     if positions:
                         await self.finals.raw.send_offsets_to_transaction(positions, self.group)
             else:
-                futures = await self._send(responses, rollouts)
+                futures = await self._send(responses, rollouts, forwards)
                 await asyncio.gather(*futures)
                 if positions:
                     await self.consumer.commit(positions)
@@ -247,12 +289,17 @@ class InferenceWorker:
                 [(resp["request_id"], resp["user_id"], self.config.model, self.config.worker_id,
                   {k: v for k, v in resp.items() if k != "event_time"}) for resp, _ in responses])
 
-    async def _send(self, responses: list[tuple[dict[str, Any], _InFlight]], rollouts: list[dict[str, Any]]
-                    ) -> list[Any]:
+    async def _send(self, responses: list[tuple[dict[str, Any], _InFlight]], rollouts: list[dict[str, Any]],
+                    forwards: list[tuple[dict[str, Any], _InFlight]]) -> list[Any]:
         futures = []
         for response, flight in responses:
             with process_context(flight.tp.topic, flight.headers, flight.tp.partition, flight.offset):
                 futures.append(await self.finals.send(self.catalog.responses, response, key=response["request_id"]))
+        for decision, flight in forwards:
+            with process_context(flight.tp.topic, flight.headers, flight.tp.partition, flight.offset):
+                futures.append(await self.finals.send(self.catalog.decisions(decision["model"]), decision,
+                                                      key=decision["request"]["request_id"]))
+            self.rerouted += 1
         for rollout in rollouts:
             futures.append(await self.finals.send(self.catalog.rollouts, rollout, key=rollout["request_id"]))
         return futures
@@ -277,6 +324,8 @@ class InferenceWorker:
                 await self._commit(finals)
                 for final, _ in finals:
                     self.inflight.pop(final.request_id, None)
+                if not self.inflight:
+                    self._beat_now.set()  # busy -> idle
                     RESPONSES.labels(self.config.model, final.finish_reason).inc()
                     TOKENS.labels(self.config.model).inc(final.output_tokens)
                     REQUEST_LATENCY.labels(self.config.model).observe(final.total_s)
@@ -334,18 +383,43 @@ class InferenceWorker:
                 stats = self.serving.stats()
                 QUEUE_LENGTH.labels(self.config.model, self.config.worker_id).set(stats["queue_length"])
                 RUNNING.labels(self.config.model, self.config.worker_id).set(stats["running"])
-                beat = {**envelope(self.config.worker_id, "system", "system"), "worker_id": self.config.worker_id,
-                        "model": self.config.model, "model_version": stats["model_version"], "healthy": True,
-                        "queue_length": stats["queue_length"], "running": stats["running"],
-                        "tokens_per_s": float(stats["tokens_per_s"]),
-                        "memory_rss_mb": stats["memory_rss_bytes"] / 2**20,
-                        "loaded_adapters": list(stats["loaded_adapters"]), "policy": stats["policy"],
-                        "interval_ms": int(self.config.heartbeat_interval_s * 1000)}
-                await producer.send_and_wait(self.catalog.heartbeats, beat, key=self.config.worker_id)
+                await producer.send_and_wait(self.catalog.heartbeats, self._beat(stats), key=self.config.worker_id)
+                self._beat_now.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), self.config.heartbeat_interval_s)
+                    await asyncio.wait_for(self._next_beat(), self.config.heartbeat_interval_s)
         finally:
             await producer.stop()
+
+    async def _next_beat(self) -> None:
+        """Returns at stop or when the worker goes from idle to busy or back."""
+        waits = [asyncio.ensure_future(self.stop.wait()), asyncio.ensure_future(self._beat_now.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    def _beat(self, stats: dict[str, Any]) -> dict[str, Any]:
+        cost = stats["step_cost"]
+        held = len(self.inflight)  # admitted here and not yet answered (Kafka holds the rest)
+        return {**envelope(self.config.worker_id, "system", "system"), "worker_id": self.config.worker_id,
+                "model": self.config.model, "model_version": stats["model_version"], "healthy": True,
+                "queue_length": max(stats["queue_length"], held - stats["running"]), "running": stats["running"],
+                "tokens_per_s": float(stats["tokens_per_s"]),
+                "memory_rss_mb": stats["memory_rss_bytes"] / 2**20,
+                "loaded_adapters": list(stats["loaded_adapters"]), "policy": stats["policy"],
+                "interval_ms": int(self.config.heartbeat_interval_s * 1000),
+                "device": stats["device"],
+                "step_cost": {"decode_base_s": cost.decode_base_s, "decode_per_row_s": cost.decode_per_row_s,
+                              "decode_per_cell_s": cost.decode_per_cell_s, "prefill_base_s": cost.prefill_base_s,
+                              "prefill_per_token_s": cost.prefill_per_token_s, "overhead_s": cost.overhead_s,
+                              "samples": int(stats["cost_samples"])},
+                "max_batch": int(stats["max_batch"]), "backlog_s": float(stats["backlog_s"]),
+                "mean_output_tokens": float(stats["mean_output_tokens"]),
+                "kv_blocks_total": int(stats["kv_blocks_total"]), "kv_blocks_used": int(stats["kv_blocks_used"]),
+                "preemptions": int(stats["preemptions"]),
+                "rejected": int(stats["verdicts"]["reject"]), "rerouted": int(self.rerouted),
+                "shortened": int(stats["verdicts"]["shorten"])}
 
     async def run(self) -> None:
         await self.chunks.start()

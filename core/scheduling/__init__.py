@@ -11,12 +11,16 @@ from core.scheduling.deployer import (
     place_model,
     plan_deployment,
 )
+from core.scheduling.goodput import SloGoodput
+from core.scheduling.kv import BlockLedger, KvBudget
+from core.scheduling.length import LengthDistribution
 from core.scheduling.policies import (
     POLICIES,
     Plan,
     Scheduler,
     SchedulerConfig,
     StepResult,
+    Verdict,
     make_scheduler,
 )
 from core.scheduling.predictor import LengthPrediction, LengthPredictor, PredictorConfig, bucket_of, evaluate
@@ -25,9 +29,12 @@ from core.scheduling.state import RequestStatus, SchedRequest, is_transition_val
 
 __all__ = [
     "POLICIES",
+    "BlockLedger",
     "DeployConfig",
     "Deployment",
     "Device",
+    "KvBudget",
+    "LengthDistribution",
     "LengthPrediction",
     "LengthPredictor",
     "Metrics",
@@ -42,8 +49,10 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "SimRequest",
+    "SloGoodput",
     "StepCostModel",
     "StepResult",
+    "Verdict",
     "bucket_of",
     "evaluate",
     "fit_step_cost",

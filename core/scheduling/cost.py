@@ -34,18 +34,18 @@ class StepCostModel:
     """Seconds per padded prompt token."""
     overhead_s: float = 0.0
     """Per-iteration cost outside the model (scheduling, bookkeeping)."""
+    swap_per_token_s: float = 0.0
+    """Seconds to move one token's KV between device and host memory (either way)."""
 
     def __post_init__(self) -> None:
-        values = (
-            self.decode_base_s,
-            self.decode_per_row_s,
-            self.decode_per_cell_s,
-            self.prefill_base_s,
-            self.prefill_per_token_s,
-            self.overhead_s,
-        )
+        values = self.coefficients()
         if any(v < 0 or not np.isfinite(v) for v in values):
             raise ValueError(f"cost coefficients must be finite and >= 0, got {values}")
+
+    def coefficients(self) -> tuple[float, ...]:
+        """All coefficients in field order (``StepCostModel(*m.coefficients()) == m``)."""
+        return (self.decode_base_s, self.decode_per_row_s, self.decode_per_cell_s, self.prefill_base_s,
+                self.prefill_per_token_s, self.overhead_s, self.swap_per_token_s)
 
     def decode_s(self, rows: int, window: int) -> float:
         if rows <= 0:
@@ -60,23 +60,18 @@ class StepCostModel:
     def iteration_s(self, decode_rows: int, window: int, prefill_rows: int, max_prompt: int) -> float:
         return self.decode_s(decode_rows, window) + self.prefill_s(prefill_rows, max_prompt) + self.overhead_s
 
+    def swap_s(self, tokens: int) -> float:
+        return self.swap_per_token_s * tokens
+
+    def per_token_s(self, rows: int = 1, window: int = 256) -> float:
+        """Seconds per generated token of one request in a batch of ``rows`` (decode step + overhead)."""
+        return self.decode_s(rows, window) + self.overhead_s
+
     def scaled(self, factor: float) -> StepCostModel:
         """The same shape on a machine ``factor`` times slower (a shared CPU's current speed)."""
         if factor <= 0:
             raise ValueError(f"factor={factor} must be > 0")
-        return StepCostModel(
-            *(
-                v * factor
-                for v in (
-                    self.decode_base_s,
-                    self.decode_per_row_s,
-                    self.decode_per_cell_s,
-                    self.prefill_base_s,
-                    self.prefill_per_token_s,
-                    self.overhead_s,
-                )
-            )
-        )
+        return StepCostModel(*(v * factor for v in self.coefficients()))
 
     @classmethod
     def reference_cpu(cls) -> StepCostModel:

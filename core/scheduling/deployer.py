@@ -24,6 +24,12 @@ behaves as an M/M/1 queue at load rho = lambda / sum(mu) and the expected per-to
 Objective: demand-weighted mean of that over models. best_mu[r][S] (the largest total service
 rate of S split into r replicas) is a subset DP, and models are then added one at a time over
 the mask of devices used: O(M * n * 3^n), seconds at most for n <= 8 devices.
+
+Speeds are measured, not assumed: ``flywheel.deployment`` probes every device and takes each
+model's per-token latency from the workers' online-calibrated cost models when it has them; the
+plan is enforced per worker process (CPU affinity, ``CUDA_VISIBLE_DEVICES``, vLLM pipeline stages
+with HELR's layer split). ``round_robin_deployment`` is the baseline it is checked against (here
+analytically, in ``bench/scheduling_deploy.py`` in the simulator).
 """
 
 from __future__ import annotations
@@ -298,3 +304,28 @@ def _best_groupings(table: dict[int, Placement], full: int) -> _Groupings:
 def _keep(cands: dict[int, tuple[float, tuple[int, ...]]], r: int, mu: float, parts: tuple[int, ...]) -> None:
     if r not in cands or mu > cands[r][0]:
         cands[r] = (mu, parts)
+
+
+def round_robin_deployment(models: list[ModelProfile], devices: list[Device],
+                           links_ms: list[list[float]] | None = None,
+                           config: DeployConfig | None = None) -> Deployment:
+    """The baseline HELR is checked against: device i serves model i mod M alone (speeds and links
+    ignored), scored by the same objective. Raises ValueError when a model gets no device it fits."""
+    if not models or not devices:
+        raise ValueError("round_robin_deployment needs models and devices")
+    cfg = config or DeployConfig()
+    links = _check_links(links_ms, len(devices))
+    total_demand = sum(m.demand_tokens_per_s for m in models)
+    replicas: list[Replica] = []
+    objective = 0.0
+    for k, model in enumerate(models):
+        mine = [i for i in range(len(devices)) if i % len(models) == k]
+        table = _best_placements(model, devices, links, cfg)
+        placements = [table[1 << i] for i in mine if (1 << i) in table]
+        if not placements:
+            raise ValueError(f"round robin gives model {model.name!r} no device it fits on")
+        weight = model.demand_tokens_per_s / total_demand if total_demand > 0 else 1.0 / len(models)
+        objective += weight * expected_latency_ms([p.latency_ms for p in placements], model.demand_tokens_per_s)
+        objective += cfg.device_penalty_ms * len(placements)
+        replicas += [Replica(model.name, p) for p in placements]
+    return Deployment(replicas=tuple(replicas), expected_latency_ms=objective)

@@ -18,6 +18,17 @@ Policies (``make_scheduler(name)``):
                      deadline + w * predicted service time; admit under the padding bound; and never
                      admit a request that would make an on-track running request miss its deadline
                      (the batch-size cap follows the SLOs instead of being fixed).
+``slo_goodput``      admission control for SLO goodput (``core.scheduling.goodput``): lengths as
+                     distributions, early reject / reroute / shorten of requests that cannot meet
+                     their deadline, memory-aware admission, priorities by SLO class with aging.
+
+Memory. Every policy keeps a paged KV ledger (``core.scheduling.kv``). Continuous policies hold
+blocks for each running request's context and grow them one token at a time; when a request
+cannot grow, a victim is preempted (``_victims``: vLLM preempts the most recently admitted) by
+recomputation (its KV is dropped; on resumption its prompt *and* generated tokens are prefilled
+again) or by swapping (its KV moves to host memory and comes back without a prefill). The
+static policy reserves each request's worst case (prompt + max_tokens) at admission, as request-
+level engines do, and never preempts.
 """
 
 from __future__ import annotations
@@ -25,25 +36,56 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 from core.scheduling.cost import StepCostModel
+from core.scheduling.kv import BlockLedger, KvBudget
 from core.scheduling.state import RequestStatus, SchedRequest
+
+VerdictAction = Literal["reject", "reroute", "shorten"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """An admission-control decision about a waiting request, with the reason the client sees."""
+
+    request_id: str
+    action: VerdictAction
+    """``reject`` (answered now, not served), ``reroute`` (handed to a cheaper model) or ``shorten``
+    (served with fewer max tokens; the request stays queued)."""
+    reason: str
+    max_tokens: int | None = None
+    """The new cap of a shortened request."""
 
 
 @dataclass(frozen=True)
 class Plan:
-    """One iteration's work. Invariant: ``admitted`` is a subset of ``batch``, in the same order."""
+    """One iteration's work.
+
+    Invariants: ``admitted`` and ``resumed`` are disjoint subsets of ``batch`` in the same order;
+    ``preempted`` is disjoint from ``batch``; rejected and rerouted requests in ``verdicts`` are no
+    longer known to the policy.
+    """
 
     batch: tuple[str, ...]
     """Every request that computes this iteration, in engine row order."""
     admitted: tuple[str, ...] = ()
-    """Requests that join now and need their prefill."""
+    """Requests that join now and need a prefill (new ones, and preempted ones recomputed)."""
+    resumed: tuple[str, ...] = ()
+    """Preempted requests whose swapped-out KV comes back now (they decode, no prefill)."""
+    preempted: tuple[str, ...] = ()
+    """Requests taken out of the engine before this iteration (their KV freed or swapped out)."""
+    verdicts: tuple[Verdict, ...] = ()
 
     @property
     def is_empty(self) -> bool:
         return not self.batch
+
+    @property
+    def rejected(self) -> tuple[Verdict, ...]:
+        """Verdicts that end a request here (rejected or rerouted)."""
+        return tuple(v for v in self.verdicts if v.action != "shorten")
 
 
 @dataclass(frozen=True)
@@ -67,7 +109,24 @@ class SchedulerConfig:
     """SLO-ODBS padding bound: (ctx_q - max ctx in batch)^+ * (|batch|+1) must stay below this
     (UELLM's threshold 15000 / overhead factor 1.2, in token slots)."""
     protect_slo: bool = True
-    """SLO-ODBS: refuse admissions that would make an on-track running request late."""
+    """SLO-ODBS and SLO-goodput: refuse admissions that would make an on-track running request late."""
+    kv: KvBudget = field(default_factory=KvBudget)
+    """The worker's paged KV budget (unlimited by default)."""
+    preemption: Literal["recompute", "swap"] = "recompute"
+    """How a preempted request gives up its KV (swap needs ``kv.swap_blocks`` and an engine that swaps)."""
+    finish_quantile: float = 0.5
+    """SLO-goodput: quantile of the remaining length used to predict when a request finishes."""
+    reserve_quantile: float = 0.9
+    """SLO-goodput: quantile of the final length whose KV must fit at admission (memory-aware)."""
+    slo_classes: tuple[str, ...] = ("interactive", "standard", "batch")
+    """SLO-goodput: classes from most to least urgent; unknown classes rank in the middle."""
+    aging_s: float = 60.0
+    """SLO-goodput: waiting this long promotes a request by one class, so no class starves."""
+    admission_control: bool = True
+    """SLO-goodput: reject, reroute or shorten requests that cannot meet their deadline."""
+    shorten_min_tokens: int = 0
+    """SLO-goodput: shorten a hopeless request to the tokens that still fit if that is at least this
+    many (0 = never shorten)."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_prefill_tokens < 1:
@@ -76,21 +135,35 @@ class SchedulerConfig:
         if self.length_weight < 0 or self.max_padding_tokens < 0:
             raise ValueError(f"length_weight={self.length_weight} and max_padding_tokens="
                              f"{self.max_padding_tokens} must be >= 0")
+        if not (0 < self.finish_quantile < 1 and 0 < self.reserve_quantile <= 1):
+            raise ValueError(f"finish_quantile={self.finish_quantile} must be in (0, 1) and "
+                             f"reserve_quantile={self.reserve_quantile} in (0, 1]")
+        if self.aging_s <= 0 or self.shorten_min_tokens < 0:
+            raise ValueError(f"aging_s={self.aging_s} must be > 0 and shorten_min_tokens="
+                             f"{self.shorten_min_tokens} >= 0")
+        if self.preemption not in ("recompute", "swap"):
+            raise ValueError(f"preemption={self.preemption!r} must be 'recompute' or 'swap'")
 
 
 class Scheduler(ABC):
-    """Owns the waiting queue and the running rows; never touches an engine."""
+    """Owns the waiting queue, the running rows and the KV ledger; never touches an engine."""
 
     name: ClassVar[str]
+    reserves_worst_case: ClassVar[bool] = False
+    """Reserve prompt + max_tokens of KV at admission instead of growing (never preempts)."""
 
     def __init__(self, config: SchedulerConfig | None = None, cost: StepCostModel | None = None) -> None:
         self.config = config or SchedulerConfig()
         self.cost = cost or StepCostModel.reference_cpu()
+        """Read at every decision: the serving loop may replace it as its online calibration moves."""
         self.waiting: dict[str, SchedRequest] = {}
-        """Insertion (arrival) ordered."""
+        """Insertion (arrival) ordered; preempted requests go back to the front."""
         self.running: list[SchedRequest] = []
         """Engine rows in order, including HELD rows of a static batch."""
         self._index: dict[str, SchedRequest] = {}
+        self.ledger = BlockLedger(self.config.kv)
+        self.preemptions = 0
+        """Preemptions so far (all requests)."""
 
     # --- queue management -------------------------------------------------------------------
     def add(self, req: SchedRequest) -> None:
@@ -112,6 +185,7 @@ class Scheduler(ABC):
         self.waiting.pop(request_id, None)
         if req in self.running:
             self.running.remove(req)
+        self.ledger.release(request_id)
         req.transition(RequestStatus.ABORTED)
         return req
 
@@ -126,18 +200,54 @@ class Scheduler(ABC):
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def backlog_s(self, now: float) -> float:
+        """Predicted seconds before a request arriving now could join the batch (a fluid estimate:
+        the first running row to finish frees a slot, then the waiting work drains at full batch)."""
+        cfg = self.config
+        if len(self.running) < cfg.max_batch and not self.waiting:
+            return 0.0
+        live = [r for r in self.running if r.status is RequestStatus.RUNNING]
+        window = max((r.context_tokens for r in self.running), default=0)
+        step = self.cost.per_token_s(max(len(self.running), 1), window)
+        slot = min((r.remaining_quantile(0.5) for r in live), default=0.0) * step
+        queued = sum(r.remaining_quantile(0.5) + 1 for r in self.waiting.values())
+        return slot + queued * self.cost.per_token_s(cfg.max_batch, window) / cfg.max_batch
+
     # --- the two calls of an iteration --------------------------------------------------------
     def schedule(self, now: float) -> Plan:
-        """Pick this iteration's rows. Every RUNNING/HELD request is in the batch (rows are never
-        paused); new rows are appended after them in admission order."""
-        admitted = self._admit(now)
+        """Pick this iteration's rows.
+
+        1. make KV room for every running row's next token, preempting victims if needed;
+        2. admission control (``_screen``): verdicts on waiting requests;
+        3. admission (``_admit``): waiting requests join, after the running rows, in order.
+        Every RUNNING/HELD request is in the batch (a row leaves only by finishing or preemption).
+        """
+        preempted = [] if self.reserves_worst_case else self._make_room(now)
+        verdicts = self._oversized()
+        refused = {v.request_id for v in verdicts}
+        verdicts += [v for v in self._screen(now) if v.request_id not in refused]
+        for v in verdicts:
+            if v.action != "shorten":
+                req = self._index.pop(v.request_id)
+                del self.waiting[v.request_id]
+                req.transition(RequestStatus.ABORTED)
+        just_preempted = {r.request_id for r in preempted}
+        admitted = [r for r in self._admit(now) if r.request_id not in just_preempted]
+        joined: list[SchedRequest] = []
+        resumed: list[SchedRequest] = []
         for req in admitted:
+            if not self._take_blocks(req):
+                break  # the policy's own fit check and the ledger disagree: admit no further
             del self.waiting[req.request_id]
             req.transition(RequestStatus.RUNNING)
-            req.admitted_s = now
+            if req.admitted_s is None:
+                req.admitted_s = now
+            (resumed if req.swapped else joined).append(req)
+            req.swapped = False
             self.running.append(req)
         return Plan(batch=tuple(r.request_id for r in self.running),
-                    admitted=tuple(r.request_id for r in admitted))
+                    admitted=tuple(r.request_id for r in joined), resumed=tuple(r.request_id for r in resumed),
+                    preempted=tuple(r.request_id for r in preempted), verdicts=tuple(verdicts))
 
     def update(self, plan: Plan, results: Mapping[str, StepResult], now: float) -> list[SchedRequest]:
         """Apply one iteration's results; returns the requests that completed (to finalise and release)."""
@@ -158,30 +268,114 @@ class Scheduler(ABC):
             req.finished_s = now
             self.running.remove(req)
             del self._index[req.request_id]
+            self.ledger.release(req.request_id)
             done.append(req)
         return done
+
+    # --- memory -------------------------------------------------------------------------------
+    def _make_room(self, now: float) -> list[SchedRequest]:
+        """Hold KV for every running row's next token; preempt victims while a row cannot grow."""
+        preempted: list[SchedRequest] = []
+        for req in list(self.running):
+            if req.status is not RequestStatus.RUNNING or req in preempted:
+                continue
+            while not self.ledger.grow(req.request_id, req.context_tokens + 1):
+                candidates = [v for v in self._victims(now) if v.status is RequestStatus.RUNNING]
+                if candidates == [req]:
+                    raise RuntimeError(f"KV budget too small for request {req.request_id!r} alone "
+                                       f"({req.context_tokens + 1} tokens of {self._budget_tokens()})")
+                victim = candidates[0]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+        return preempted
+
+    def _budget_tokens(self) -> int:
+        return self.config.kv.total_blocks * self.config.kv.block_tokens
+
+    def _oversized(self) -> list[Verdict]:
+        """Waiting requests whose prompt and cap could never fit the KV budget: rejected, not queued
+        forever (a static batch reserves the whole cap, a continuous one grows toward it)."""
+        if not self.ledger.budget.limited:
+            return []
+        limit = self._budget_tokens()
+        return [Verdict(r.request_id, "reject", f"rejected: {r.prompt_tokens} prompt tokens + {r.max_tokens} "
+                                                f"max tokens exceed the worker's KV budget of {limit} tokens")
+                for r in self.waiting.values()
+                if r.admitted_s is None and self.ledger.blocks_for(r.prompt_tokens + r.max_tokens)
+                > self.config.kv.total_blocks]
+
+    def _preempt(self, req: SchedRequest) -> None:
+        self.running.remove(req)
+        rid = req.request_id
+        swap = self.config.preemption == "swap" and self.ledger.can_swap_out(rid)
+        if swap:
+            self.ledger.swap_out(rid)
+        else:
+            self.ledger.release(rid)
+        req.swapped = swap
+        req.preemptions += 1
+        self.preemptions += 1
+        req.transition(RequestStatus.WAITING)
+        self.waiting = {rid: req, **self.waiting}
+
+    def _kv_fits(self, req: SchedRequest, extra_tokens: float = 0.0, taken: int = 0) -> bool:
+        """Whether ``req`` can join now with ``extra_tokens`` of headroom, after ``taken`` blocks are
+        promised to requests chosen earlier in this iteration."""
+        ledger = self.ledger
+        if req.swapped:
+            return ledger.blocks_for(req.context_tokens) + taken <= ledger.free
+        need = ledger.blocks_for(req.context_tokens + 1 + extra_tokens)
+        return need + taken <= ledger.free - ledger.budget.watermark_blocks
+
+    def _blocks_to_join(self, req: SchedRequest) -> int:
+        return self.ledger.blocks_for(req.context_tokens + 1)
+
+    def _take_blocks(self, req: SchedRequest) -> bool:
+        if req.swapped:
+            return self.ledger.swap_in(req.request_id)
+        tokens = req.prompt_tokens + req.max_tokens if self.reserves_worst_case else req.context_tokens + 1
+        return self.ledger.grow(req.request_id, tokens)
 
     # --- policy hooks -------------------------------------------------------------------------
     @abstractmethod
     def _admit(self, now: float) -> list[SchedRequest]:
         """Waiting requests that join this iteration, in row order."""
 
+    def _screen(self, now: float) -> list[Verdict]:
+        """Admission control: verdicts on waiting requests (none by default)."""
+        return []
+
+    def _victims(self, now: float) -> list[SchedRequest]:
+        """Running requests in the order they are preempted: vLLM's, the most recently admitted first."""
+        return list(reversed(self.running))
+
     def _completed(self) -> list[SchedRequest]:
         """HELD requests that complete now. Continuous batching: every one, immediately."""
         return [r for r in self.running if r.status is RequestStatus.HELD]
 
     def _fits_prefill(self, chosen: list[SchedRequest], req: SchedRequest) -> bool:
-        longest = max([r.prompt_tokens for r in chosen] + [req.prompt_tokens])
+        longest = max([r.context_tokens for r in chosen] + [req.context_tokens])
         return not chosen or longest * (len(chosen) + 1) <= self.config.max_prefill_tokens
 
 
 class FcfsStatic(Scheduler):
     name = "fcfs_static"
+    reserves_worst_case = True
 
     def _admit(self, now: float) -> list[SchedRequest]:
         if self.running:
             return []  # a static batch admits nobody until it has completed as a whole
-        return list(self.waiting.values())[: self.config.max_batch]
+        chosen: list[SchedRequest] = []
+        taken = 0
+        for req in list(self.waiting.values())[: self.config.max_batch]:
+            need = self.ledger.blocks_for(req.prompt_tokens + req.max_tokens)
+            if chosen and need + taken > self.ledger.free:
+                break
+            chosen.append(req)
+            taken += need
+        return chosen
 
     def _completed(self) -> list[SchedRequest]:
         if self.running and all(r.status is RequestStatus.HELD for r in self.running):
@@ -198,10 +392,12 @@ class _Continuous(Scheduler):
     def _admit(self, now: float) -> list[SchedRequest]:
         chosen: list[SchedRequest] = []
         free = self.config.max_batch - len(self.running)
+        taken = 0
         for req in self._order(now):
-            if len(chosen) >= free or not self._fits_prefill(chosen, req):
+            if len(chosen) >= free or not self._fits_prefill(chosen, req) or not self._kv_fits(req, taken=taken):
                 break
             chosen.append(req)
+            taken += self._blocks_to_join(req)
         return chosen
 
 
@@ -264,9 +460,10 @@ class SloOdbs(_Continuous):
         members = list(self.running)
         # The KV window a member will see near its end: the batch's largest predicted final context.
         window = max((self._final_ctx(r) for r in members), default=0.0)
+        taken = 0
         for req in self._order(now):
             rows = len(members)
-            if rows >= cfg.max_batch or not self._fits_prefill(chosen, req):
+            if rows >= cfg.max_batch or not self._fits_prefill(chosen, req) or not self._kv_fits(req, taken=taken):
                 break
             grown = max(self._final_ctx(req) - window, 0.0)
             if members and grown * (rows + 1) > cfg.max_padding_tokens:
@@ -277,6 +474,7 @@ class SloOdbs(_Continuous):
             chosen.append(req)
             members.append(req)
             window = new_window
+            taken += self._blocks_to_join(req)
         return chosen
 
     def _keeps_slos(self, members: list[SchedRequest], now: float, rows: int, window: float,
@@ -297,7 +495,8 @@ POLICIES: dict[str, type[Scheduler]] = {
 
 def make_scheduler(name: str, config: SchedulerConfig | None = None,
                    cost: StepCostModel | None = None) -> Scheduler:
-    """A fresh scheduler by policy name (``slo_odbs``, ``fcfs_static``, ``fcfs_continuous``, ``sjf``)."""
+    """A fresh scheduler by policy name (see ``POLICIES``, which ``core.scheduling`` completes with
+    ``slo_goodput``)."""
     try:
         cls = POLICIES[name]
     except KeyError:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from core.scheduling.length import LengthDistribution
+
 _TOKEN_RE = re.compile(r"[a-z]+|\d+(?:\.\d+)?|[^\sa-z\d]")
 
 
@@ -80,6 +82,17 @@ class LengthPrediction:
     tokens: float
     """Expected output length in tokens (probability-weighted bucket representatives)."""
     probs: tuple[float, ...]
+    distribution: LengthDistribution | None = None
+    """The bucket probabilities as a length distribution (uniform inside each bucket)."""
+
+
+def bucket_distribution(probs: Sequence[float], cfg: PredictorConfig) -> LengthDistribution:
+    """One uniform segment per bucket, [max(lo, 1), hi]; lengths are at least one token."""
+    pieces = []
+    for k, p in enumerate(probs):
+        lo, hi = bucket_bounds(k, cfg)
+        pieces.append((float(max(lo, 1)), float(hi), float(p)))
+    return LengthDistribution.from_pieces(pieces)
 
 
 def _hash(text: str, n: int) -> int:
@@ -152,9 +165,9 @@ class LengthPredictor:
 
     def predict(self, prompt: str) -> LengthPrediction:
         p = self._probs(*featurize(prompt, self.config.n_hash))
-        return LengthPrediction(
-            bucket=int(np.argmax(p)), tokens=float(p @ self.representatives()), probs=tuple(p.tolist())
-        )
+        probs = tuple(p.tolist())
+        return LengthPrediction(bucket=int(np.argmax(p)), tokens=float(p @ self.representatives()), probs=probs,
+                                distribution=bucket_distribution(probs, self.config))
 
     # --- learning ---------------------------------------------------------------------------
     def _learn(self, idx: NDArray[np.int64], val: NDArray[np.float32], p: NDArray[np.float64],

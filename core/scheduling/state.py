@@ -1,8 +1,9 @@
 """Request lifecycle as data: the states a scheduled request moves through and the legal moves.
 
     WAITING ──> RUNNING ──> FINISHED
-       │           │  └───> HELD ──> FINISHED      (static batching: done, held by its batch)
-       └───────────┴─────────┴─────> ABORTED
+       ^  │        │  └───> HELD ──> FINISHED      (static batching: done, held by its batch)
+       │  │        └──> WAITING                   (preempted: KV freed or swapped, resumes later)
+       │  └───────────┴─────────┴─────> ABORTED   (incl. rejected by admission control)
 
 ``HELD`` exists because request-level (static) batching returns a batch only when its longest
 member finishes (Orca, OSDI'22, §2): a sequence that hit EOS early keeps its slot, and its
@@ -14,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+
+from core.scheduling.length import LengthDistribution
 
 
 class RequestStatus(Enum):
@@ -30,7 +33,8 @@ class RequestStatus(Enum):
 
 _TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
     RequestStatus.WAITING: frozenset({RequestStatus.RUNNING, RequestStatus.ABORTED}),
-    RequestStatus.RUNNING: frozenset({RequestStatus.FINISHED, RequestStatus.HELD, RequestStatus.ABORTED}),
+    RequestStatus.RUNNING: frozenset({RequestStatus.FINISHED, RequestStatus.HELD, RequestStatus.ABORTED,
+                                      RequestStatus.WAITING}),
     RequestStatus.HELD: frozenset({RequestStatus.FINISHED, RequestStatus.ABORTED}),
     RequestStatus.FINISHED: frozenset(),
     RequestStatus.ABORTED: frozenset(),
@@ -42,9 +46,10 @@ def is_transition_valid(src: RequestStatus, dst: RequestStatus) -> bool:
     return dst in _TRANSITIONS[src]
 
 
-@dataclass
+@dataclass(eq=False)
 class SchedRequest:
-    """What a policy knows about one request. Mutated only by the policy that owns it.
+    """What a policy knows about one request. Mutated only by the policy that owns it; compared by
+    identity (a request is one object from arrival to completion).
 
     Invariant: ``generated`` counts tokens the engine has produced for this request, and only
     ``RUNNING`` requests gain tokens.
@@ -66,6 +71,17 @@ class SchedRequest:
     admitted_s: float | None = None
     """When the policy first put the request into a batch."""
     finished_s: float | None = field(default=None)
+    length: LengthDistribution | None = None
+    """Predicted output length as a distribution; None = the point ``predicted_tokens``."""
+    preemptions: int = 0
+    """Times the request was taken out of the engine to free KV memory."""
+    swapped: bool = False
+    """Preempted by swapping its KV out (resumes without a prefill); False = recompute."""
+    note: str = ""
+    """Why admission control changed the request (e.g. fewer max tokens); "" = served as asked."""
+    reroutable: bool = False
+    """A cheaper model may take this request if it cannot meet its deadline here."""
+    _quantiles: dict[tuple[int, int, float], float] = field(default_factory=dict, repr=False, compare=False)
 
     def transition(self, dst: RequestStatus) -> None:
         if not is_transition_valid(self.status, dst):
@@ -89,3 +105,15 @@ class SchedRequest:
         if self.generated < self.predicted_tokens:
             return float(min(max(self.predicted_tokens - self.generated, 1.0), cap))
         return float(min(max(self.generated, 1), cap))
+
+    def remaining_quantile(self, q: float) -> float:
+        """The q-quantile of the tokens still to come (conditioned on what has been generated)."""
+        if self.length is None:
+            return self.remaining_estimate()
+        key = (self.generated, self.max_tokens, q)
+        value = self._quantiles.get(key)
+        if value is None:
+            if len(self._quantiles) > 64:  # only the current ``generated`` is ever asked again
+                self._quantiles.clear()
+            value = self._quantiles[key] = self.length.remaining_quantile(self.generated, q, cap=self.max_tokens)
+        return value

@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "routing": "bench.routing",
     "routing-data": "bench.routing_generator",
     "scheduling": "bench.scheduling",
+    "engine": "bench.engine",
     "personalization": "bench.personalization",
     "personalization-live": "bench.personalization_live",
     "rlhf": "bench.rlhf",

@@ -16,7 +16,7 @@ import logging
 import signal
 
 from core.errors import FatalError
-from flywheel.deployment import WorkerPlan, plan_workers
+from flywheel.deployment import WorkerPlan, plan_workers, read_measured_latencies
 from flywheel.supervisor import ChildSpec, Supervisor
 from infra.connect import connect
 from infra.ports import require_free
@@ -37,9 +37,8 @@ def children(settings: Settings, plans: list[WorkerPlan], trainer: bool = True, 
     specs = [ChildSpec("router", ("router",)), ChildSpec("personalizer", ("personalizer",)),
              ChildSpec("rewarder", ("rewarder",))]
     for i, plan in enumerate(plans):
-        env = {"FLYWHEEL_WORKER_CPUS": ",".join(map(str, plan.cpus))} if plan.cpus else {}
         specs.append(ChildSpec(f"worker-{plan.model}-{i}", ("worker", "--model", plan.model,
-                                                             "--worker-id", f"{plan.model}-{i}"), env))
+                                                             "--worker-id", f"{plan.model}-{i}"), plan.env()))
     if trainer:
         specs.append(ChildSpec("trainer", ("trainer",)))
     if gateway:
@@ -47,12 +46,16 @@ def children(settings: Settings, plans: list[WorkerPlan], trainer: bool = True, 
     return specs
 
 
-async def prepare(settings: Settings, started: list[LocalService] | None = None) -> None:
+async def prepare(settings: Settings, started: list[LocalService] | None = None) -> dict[str, float]:
     """Local services up (each one this call starts is appended to ``started``), migrations
-    applied, topics created (idempotent)."""
+    applied, topics created (idempotent); returns the per-token latencies earlier workers
+    measured (their heartbeats), for the deployer."""
     await asyncio.to_thread(ensure_local_services, settings, started)
     services = await connect(settings, "flywheel-up", run_migrations=True, create_topics=True)
-    await services.close()
+    try:
+        return await read_measured_latencies(services)
+    finally:
+        await services.close()
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -65,11 +68,11 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         if not args.no_gateway:  # before anything starts: nothing to clean up if it is taken
             require_free(settings.gateway_port, "the gateway", "FLYWHEEL_GATEWAY_PORT")
-        await prepare(settings, started)
+        measured = await prepare(settings, started)
         if stop.is_set():
             log.info("stop requested while starting; stopping")
             return 0
-        plans = plan_workers()
+        plans = plan_workers(per_token_ms=measured)
         for plan in plans:
             log.info("worker for %s on %s", plan.model, ", ".join(plan.devices))
         supervisor = Supervisor(children(settings, plans, not args.no_trainer, not args.no_gateway),

@@ -6,6 +6,10 @@ under the supervisor, waits until each model has a live worker, and then lets si
 ask questions. Most requests go to ``auto`` (the router decides); some prompts are asked of both
 models side by side so the user can state a preference. Every answer gets feedback, which moves
 the router's ratings, trains the users' adapters and becomes rewards for the trainer.
+
+Idle baseline. Before the trainer and the personaliser start, the same users ask the same prompts
+(the same seeded sequence) for ``idle_duration_s`` without giving feedback: no learning runs, and
+those answers' latencies are ``idle_latency_ms`` beside the learning phase's ``latency_ms``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,19 @@ class DemoConfig:
     drain_s: float = 60.0
     """After the last request: time for the last answers, adapters and trainer steps to land."""
     seed: int = 0
+    idle_duration_s: float = 60.0
+    """The no-learning baseline phase (0 = skip it)."""
+
+
+LEARNERS = ("trainer", "personalizer")
+"""Children started only after the idle baseline."""
+
+
+def latency_summary(values_ms: list[float]) -> dict[str, float]:
+    from flywheel.gateway.stats import percentile
+
+    return {"p50": round(percentile(values_ms, 0.5), 1), "p99": round(percentile(values_ms, 0.99), 1),
+            "n": len(values_ms)}
 
 
 DEMO_ENV = {
@@ -98,6 +115,10 @@ class Demo:
         self.users = make_users(config.users, config.seed)
         self.requests_sent = 0
         self.errors = 0
+        self.rejected = 0
+        self.shortened = 0
+        self.latencies_ms: list[float] = []
+        """Latencies of the current phase's answers (as the worker measured them)."""
 
     async def _wait_for_workers(self, models: set[str]) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
@@ -121,27 +142,44 @@ class Demo:
         if answer["finish_reason"] == "error":
             self.errors += 1
             return None
+        if answer["finish_reason"] == "deadline":  # admission control refused it, with the reason
+            self.rejected += 1
+            return None
+        self.shortened += int(bool(answer.get("admission")) and "shortened" in answer["admission"])
+        self.latencies_ms.append(float(answer["total_ms"]))
         return answer
 
-    async def _user(self, client: FlywheelClient, user: SimulatedUser, until: float) -> None:
+    async def _user(self, client: FlywheelClient, user: SimulatedUser, until: float, feedback: bool = True) -> None:
         models = sorted(CATALOG)
+        rng = random.Random(f"{self.config.seed}-{user.user_id}")  # the same prompts in both phases
         while time.monotonic() < until:
-            prompt = self.rng.choice(self.prompts)
-            if self.rng.random() < self.config.paired_share:
+            prompt = rng.choice(self.prompts)
+            if rng.random() < self.config.paired_share:
                 a, b = await asyncio.gather(*(self._ask(client, user, prompt, m) for m in models))
-                if a and b:
+                if a and b and feedback:
                     await client.feedback(**user.compare(prompt, a, b, self.rng))
             else:
                 answer = await self._ask(client, user, prompt)
-                if answer:
+                if answer and feedback:
                     await client.feedback(**user.feedback(prompt, answer, self.rng))
-            await asyncio.sleep(self.rng.expovariate(1.0 / self.config.think_time_s))
+            await asyncio.sleep(rng.expovariate(1.0 / self.config.think_time_s))
+
+    async def _idle_phase(self, client: FlywheelClient) -> dict[str, float]:
+        """The users' prompts with no learning running (no feedback, no trainer, no personaliser)."""
+        until = time.monotonic() + self.config.idle_duration_s
+        await asyncio.gather(*(self._user(client, u, until, feedback=False) for u in self.users))
+        idle = latency_summary(self.latencies_ms)
+        self.latencies_ms = []
+        return idle
 
     async def run(self, console: Console | None) -> dict[str, Any]:
-        await prepare(self.settings)
-        plans = plan_workers()
-        supervisor = Supervisor(children(self.settings, plans), self.settings.home.resolve() / "logs",
+        measured = await prepare(self.settings)
+        plans = plan_workers(per_token_ms=measured)
+        specs = children(self.settings, plans)
+        learners = [s for s in specs if s.name in LEARNERS] if self.config.idle_duration_s > 0 else []
+        supervisor = Supervisor([s for s in specs if s not in learners], self.settings.home.resolve() / "logs",
                                 base_env={**os.environ, **DEMO_ENV})
+        idle: dict[str, float] = {}
         services = await connect(self.settings, "flywheel-demo")
         observer = Observer(services, self.stats)
         await observer.start()
@@ -162,6 +200,15 @@ class Demo:
                     await refresh("loading models")
                     await asyncio.sleep(1)
                 await waiter
+                if learners:
+                    idle_task = asyncio.create_task(self._idle_phase(client))
+                    while not idle_task.done():
+                        await refresh("idle baseline (no learning)")
+                        await asyncio.sleep(1)
+                    idle = await idle_task
+                    for spec in learners:
+                        supervisor.add(spec)
+                    self.stats.latencies_ms.clear()
                 elo_start = dict(self.stats.elo)
                 until = time.monotonic() + self.config.duration_s
                 users = [asyncio.create_task(self._user(client, u, until)) for u in self.users]
@@ -191,6 +238,10 @@ class Demo:
             "models": snapshot["models"],
             "routing_shares": snapshot["routing_shares"],
             "latency_ms": snapshot["latency_ms"],
+            "idle_latency_ms": idle,
+            "answered_latency_ms": latency_summary(self.latencies_ms),
+            "rejected": self.rejected,
+            "shortened": self.shortened,
             "slo_attainment": snapshot["slo_attainment"],
             "adapters_published": snapshot["adapters_published"],
             "trainer_steps": snapshot["trainer_steps"],

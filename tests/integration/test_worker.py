@@ -1,5 +1,6 @@
-"""The inference worker on the real broker with the real SmolLM2: answers, streaming, and a SIGKILL
-in the middle of a batch after which every request still gets exactly one final response."""
+"""The inference worker on the real broker with the real SmolLM2: answers, streaming, a SIGKILL in
+the middle of a batch after which every request still gets exactly one final response, and
+admission control at overload (rejections with their reason, everything admitted answered)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 
@@ -87,6 +89,54 @@ async def test_worker_survives_sigkill_mid_batch_with_exactly_one_final_each(kaf
         assert all(e["model"] == MODEL and e["completion_tokens"] > 0 and e["text"].strip() for e in events)
         assert all(e["user_id"] == next(r["user_id"] for r in requests if r["request_id"] == e["request_id"])
                    for e in events)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        await producer.stop()
+        await services.close()
+
+
+async def test_worker_at_overload_rejects_what_it_cannot_serve_in_time_and_answers_the_rest(kafka_broker, postgres):
+    """A burst of requests, some of which cannot possibly meet their deadline: those get an immediate
+    ``deadline`` final with the reason; everything admitted is answered; nothing is lost or doubled."""
+    prefix = f"overload{uuid.uuid4().hex[:6]}."
+    services = await connect(make_settings(topic_prefix=prefix), "worker-test", run_migrations=True,
+                             create_topics=True)
+    producer = EventProducer(services.kafka, services.serde, services.capabilities)
+    await producer.start()
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "worker", "--model", MODEL, "--worker-id", "w-o",
+                             "--policy", "slo_goodput"],
+                            env=flywheel_env(FLYWHEEL_TOPIC_PREFIX=prefix, FLYWHEEL_LOG_LEVEL="WARNING",
+                                             FLYWHEEL_WORKER_SHORTEN_MIN_TOKENS="0"),
+                            start_new_session=True)
+    try:
+        now_ms = int(time.time() * 1000)
+        hopeless = [inference_request(user_id=f"u{i}", prompt=p, max_tokens=48, deadline_ms=now_ms - 1)
+                    for i, p in enumerate(PROMPTS[:5])]
+        feasible = [inference_request(user_id=f"u{i}", prompt=p, max_tokens=32, deadline_ms=now_ms + 600_000)
+                    for i, p in enumerate(PROMPTS[5:])]
+        requests = hopeless + feasible
+        for req in requests:  # one burst, interleaved
+            await producer.send_and_wait(services.catalog.decisions(MODEL), decision(req), key=req["request_id"])
+        deadline = asyncio.get_running_loop().time() + 420
+        done = await finals_by_request(services)
+        while len(done) < len(requests):
+            assert asyncio.get_running_loop().time() < deadline, f"only {len(done)} of {len(requests)} answered"
+            await asyncio.sleep(1)
+            done = await finals_by_request(services)
+        assert set(done) == {r["request_id"] for r in requests}
+        assert all(count == 1 for count in done.values()), done  # nothing lost, nothing doubled
+        records = await read_topics(services.kafka, [services.catalog.responses])
+        finals = {e["request_id"]: e for e in [(await services.serde.deserialize(r.value))[1] for r in records]}
+        for req in hopeless:
+            f = finals[req["request_id"]]
+            assert f["finish_reason"] == "deadline" and f["text"] == "" and f["completion_tokens"] == 0
+            assert f["admission"] and "cannot meet its deadline" in f["admission"], f
+        for req in feasible:  # admitted: answered in full by the real model
+            f = finals[req["request_id"]]
+            assert f["finish_reason"] in ("stop", "length") and f["text"].strip() and f["completion_tokens"] > 0
+            assert f["admission"] is None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -8,7 +8,11 @@ Contract of one iteration, ``execute(batch)``:
 * a sequence in ``batch`` for the first time is prefilled, which yields its first token; every
   other sequence decodes exactly one token;
 * a sequence whose generation has ended (EOS, stop string, ``max_tokens``) may stay in the
-  batch as padding (static batching); it then yields an empty output with ``finished=True``.
+  batch as padding (static batching); it then yields an empty output with ``finished=True``;
+* a ``preempt``-ed sequence leaves the running rows but keeps its state (tokens, text, sampler):
+  it is not in the batches that follow until it is resumed, by being in a batch again. Resuming
+  recomputes its KV (a prefill over prompt and generated tokens, which yields its next token) or,
+  when it was swapped out, restores the KV and decodes as usual.
 """
 
 from __future__ import annotations
@@ -116,3 +120,28 @@ class Engine(ABC):
     @abstractmethod
     def active(self) -> tuple[str, ...]:
         """Ids of submitted, not yet released sequences."""
+
+    # --- optional: preemption (engines that manage their own KV memory leave these alone) ----------
+    @property
+    def supports_preemption(self) -> bool:
+        """Whether ``preempt`` works (a policy with a KV budget needs it)."""
+        return False
+
+    @property
+    def supports_swap(self) -> bool:
+        """Whether ``preempt(..., swap=True)`` keeps the KV in host memory."""
+        return False
+
+    def preempt(self, request_id: str, swap: bool = False) -> None:
+        """Take a running sequence out of the batch, freeing (or swapping out) its KV."""
+        raise NotImplementedError(f"{type(self).__name__} cannot preempt sequences")
+
+    @property
+    def kv_bytes_per_token(self) -> int | None:
+        """Bytes of KV cache one token of context takes (None: the engine does not say)."""
+        return None
+
+    @property
+    def device_name(self) -> str:
+        """Where the engine runs (``cpu``, ``cuda:0``...), for heartbeats and cost models."""
+        return "cpu"

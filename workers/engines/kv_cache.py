@@ -143,6 +143,16 @@ class RowKVCache(Cache):
         self.rows = need_rows
         self.row_len.extend(lengths)
 
+    def extract_row(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        """Copies of row i's keys and values per layer (``[1, kv_heads, n, head_dim]``) and n, in a
+        layout ``append_rows`` takes back (swap-out)."""
+        if not 0 <= i < self.rows:
+            raise IndexError(f"row {i} out of range (rows={self.rows})")
+        n = self.row_len[i]
+        keys = [k[i: i + 1, :, self.end - n: self.end].clone() for k in self.k]
+        values = [v[i: i + 1, :, self.end - n: self.end].clone() for v in self.v]
+        return keys, values, n
+
     def _dead_left(self) -> int:
         return self.end - self.width
 

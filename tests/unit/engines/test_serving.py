@@ -6,6 +6,7 @@ import json
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -118,3 +119,42 @@ def test_adapters_are_reported_and_unknown_ones_fall_back_to_base(engine: TorchE
     assert finals["unknown"].adapter_version == ""
     assert finals["unknown"].text == finals["base"].text != finals["with"].text
     assert loop.stats()["loaded_adapters"] == ["hash-a"]
+
+
+def test_admission_control_rejects_reroutes_or_shortens_hopeless_requests_with_the_reason(
+        engine: TorchEngine) -> None:
+    cfg = SchedulerConfig(max_batch=4, shorten_min_tokens=4)
+    loop = ServingLoop(engine, config=ServingConfig(policy="slo_goodput", scheduler=cfg, online_cost=None))
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+    # The prior cost model takes ~40 ms a step: 200 tokens cannot fit 0.03 s, nor a useful part of them.
+    loop.admit(ServeRequest("reject", "a", long, slo_s=0.03))
+    loop.admit(ServeRequest("reroute", "b", long, slo_s=0.03, reroutable=True))
+    loop.admit(ServeRequest("shorten", "c", long, slo_s=0.5))
+    loop.admit(ServeRequest("fine", "d", SamplingParams(max_tokens=3, ignore_eos=True), slo_s=60.0))
+    finals = _finals(_drain(loop))
+    assert finals["reject"].finish_reason == "rejected" and finals["reject"].output_tokens == 0
+    assert "cannot meet its deadline" in finals["reject"].note and finals["reject"].slo_met is False
+    assert finals["reroute"].finish_reason == "rerouted" and "cheaper model" in finals["reroute"].note
+    short = finals["shorten"]
+    assert short.finish_reason == "length" and 4 <= short.output_tokens < 200 and short.note.startswith("shortened")
+    assert finals["fine"].note == "" and finals["fine"].output_tokens == 3
+    assert loop.verdicts == {"reject": 1, "reroute": 1, "shorten": 1}
+    assert loop.predictor.observed == 1  # a shortened answer does not teach the length predictor
+    assert engine.active == ()
+
+
+def test_the_cost_model_is_calibrated_online_from_the_loops_own_steps(engine: TorchEngine) -> None:
+    from core.scheduling.calibration import OnlineCostConfig
+
+    loop = ServingLoop(engine, config=ServingConfig(policy="fcfs_continuous",
+                                                    online_cost=OnlineCostConfig(min_samples=8, refit_every=8)))
+    prior = loop.scheduler.cost
+    for i in range(6):
+        loop.admit(ServeRequest(f"c{i}", f"calibrate {i}", SamplingParams(max_tokens=6 + i, ignore_eos=True)))
+    _drain(loop)
+    assert loop.calibration is not None and loop.calibration.fits >= 1
+    assert loop.scheduler.cost is loop.calibration.model and loop.scheduler.cost != prior
+    stats = loop.stats()
+    assert stats["step_cost"] is loop.scheduler.cost and stats["cost_samples"] == loop.calibration.samples
+    assert stats["mean_output_tokens"] == pytest.approx(sum(6 + i for i in range(6)) / 6)
+    assert stats["device"] == "cpu" and stats["kv_blocks_total"] == 0

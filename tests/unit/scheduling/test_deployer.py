@@ -126,3 +126,51 @@ def test_replica_count_follows_demand_under_a_device_penalty() -> None:
     assert len(low.replicas) == 1
     assert len(high.replicas) == 4
     assert high.expected_latency_ms == pytest.approx(4000 / (400 - 350) + 4.0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_helr_never_loses_to_round_robin_on_heterogeneous_devices(seed: int) -> None:
+    from core.scheduling.deployer import round_robin_deployment
+
+    rng = random.Random(100 + seed)
+    devices = [Device(f"d{i}", memory_gib=4.0, speed=rng.choice([0.25, 0.5, 1.0, 2.0])) for i in range(4)]
+    models = [ModelProfile("a", layers=6, memory_gib=1.0, per_token_ms=20.0, demand_tokens_per_s=rng.uniform(5, 60)),
+              ModelProfile("b", layers=6, memory_gib=2.0, per_token_ms=40.0, demand_tokens_per_s=rng.uniform(5, 30))]
+    try:
+        rr = round_robin_deployment(models, devices)
+    except ValueError:
+        return
+    helr = plan_deployment(models, devices)
+    assert helr.expected_latency_ms <= rr.expected_latency_ms + 1e-9
+    if any(d.speed != devices[0].speed for d in devices):
+        assert {r.model for r in helr.replicas} == {"a", "b"}
+
+
+def test_worker_plans_enforce_their_placement_through_the_environment() -> None:
+    from flywheel.deployment import WorkerPlan
+
+    assert WorkerPlan("m", ("cpu0", "cpu1"), (0, 1), (15, 15)).env() == {"FLYWHEEL_WORKER_CPUS": "0,1"}
+    one_gpu = WorkerPlan("m", ("cuda:1",), (), (30,)).env()
+    assert one_gpu == {"CUDA_VISIBLE_DEVICES": "1"}
+    pipeline = WorkerPlan("m", ("cuda:2", "cuda:0"), (), (20, 10)).env()
+    assert pipeline == {"CUDA_VISIBLE_DEVICES": "2,0", "FLYWHEEL_WORKER_PIPELINE_PARALLEL": "2",
+                        "FLYWHEEL_WORKER_PIPELINE_LAYERS": "20,10"}
+
+
+def test_measured_speeds_and_latencies_drive_the_plan() -> None:
+    from flywheel.deployment import measured_per_token_ms, plan_workers
+
+    beats = [{"model": "smollm2-135m", "event_time": 1, "step_cost": {
+                "decode_base_s": 0.1, "decode_per_row_s": 0.0, "decode_per_cell_s": 0.0, "overhead_s": 0.0,
+                "samples": 50}},
+             {"model": "smollm2-135m", "event_time": 2, "step_cost": {
+                "decode_base_s": 0.2, "decode_per_row_s": 0.0, "decode_per_cell_s": 0.0, "overhead_s": 0.0,
+                "samples": 50}},
+             {"model": "gemma3-270m", "event_time": 3, "step_cost": None}]
+    assert measured_per_token_ms(beats) == {"smollm2-135m": pytest.approx(200.0)}
+    # A fast and a slow device, and the heavier model (by measured latency) gets the fast one.
+    devices = [Device("cpu0", 8.0, 1.0), Device("cpu1", 8.0, 0.2)]
+    plans = plan_workers(["smollm2-135m", "gemma3-270m"], devices, demand_tokens_per_s=2.0,
+                         per_token_ms={"smollm2-135m": 200.0, "gemma3-270m": 20.0})
+    by_model = {p.model: p.devices for p in plans}
+    assert by_model["smollm2-135m"] == ("cpu0",) and by_model["gemma3-270m"] == ("cpu1",)

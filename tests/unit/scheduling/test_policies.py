@@ -9,7 +9,7 @@ from tests.unit.scheduling.factories import COST, make_request, step
 
 
 def test_factory_knows_the_four_policies() -> None:
-    assert set(POLICIES) == {"slo_odbs", "fcfs_static", "fcfs_continuous", "sjf"}
+    assert set(POLICIES) == {"slo_odbs", "fcfs_static", "fcfs_continuous", "sjf", "slo_goodput"}
     with pytest.raises(ValueError, match="unknown policy 'edf'"):
         make_scheduler("edf")
 

@@ -55,3 +55,31 @@ def test_idle_gaps_jump_to_the_next_arrival_and_online_learning_sees_every_reque
     assert seen == ["a", "b"]
     m = summarize(outs)
     assert m.slo_attainment == 1.0 and m.n == 2
+
+
+def test_rejections_are_outcomes_and_goodput_counts_only_full_answers_on_time() -> None:
+    from core.scheduling.policies import SchedulerConfig as Cfg
+
+    reqs = [SimRequest("hopeless", 0.0, 8, 100, deadline_s=0.1), SimRequest("ok", 0.0, 8, 5, deadline_s=10.0),
+            SimRequest("late", 10.0, 8, 50, deadline_s=10.1)]
+    outs = {o.request_id: o for o in simulate(reqs, make_scheduler("slo_goodput", Cfg(max_batch=4), COST), COST,
+                                                  predict=lambda r: r.output_tokens)}
+    assert outs["hopeless"].verdict == "reject" and not outs["hopeless"].served and outs["hopeless"].output_tokens == 0
+    assert outs["ok"].good and outs["late"].verdict == "reject"
+    m = summarize(list(outs.values()))
+    assert m.rejected == pytest.approx(2 / 3)
+    assert m.goodput_rps == pytest.approx(1 / 10.0)  # one good answer over 10 s of arrivals
+    assert m.mean_latency_s == pytest.approx(outs["ok"].latency_s)  # rejections are not latencies
+
+
+def test_recomputed_preemptions_cost_a_prefill_of_prompt_and_generated_tokens() -> None:
+    from core.scheduling.kv import KvBudget
+    from core.scheduling.policies import SchedulerConfig as Cfg
+
+    reqs = [SimRequest("a", 0.0, 8, 40), SimRequest("b", 0.0, 8, 40)]
+    free = simulate(reqs, make_scheduler("fcfs_continuous", Cfg(max_batch=2), COST), COST, predict=lambda r: 4)
+    tight_cfg = Cfg(max_batch=2, kv=KvBudget(block_tokens=8, total_blocks=8))
+    tight = simulate(reqs, make_scheduler("fcfs_continuous", tight_cfg, COST), COST, predict=lambda r: 4)
+    assert sum(o.preemptions for o in tight) > 0 and sum(o.preemptions for o in free) == 0
+    assert max(o.finish_s for o in tight) > max(o.finish_s for o in free)
+    assert {o.request_id: o.output_tokens for o in tight} == {"a": 40, "b": 40}
