@@ -114,8 +114,7 @@ class TrainerService:
                        user_id=event["user_id"])
 
     def _still_held(self) -> set[str]:
-        t = self.trainer
-        return set(t.pending) | set(t.early_rewards) | {r.request_id for r, _ in t.ready_queue}
+        return self.trainer.buffer.held()
 
     async def _ingest(self, batch: list[Received]) -> None:
         for item in batch:
@@ -178,7 +177,7 @@ class TrainerService:
             self.tracker.mark_committed(positions)
 
     async def train_when_ready(self) -> None:
-        self.trainer.score_expired()
+        self.trainer.expire()
         while self.trainer.ready():
             started = time.monotonic()
             result = await asyncio.to_thread(self.trainer.step)
