@@ -165,31 +165,31 @@ def build_tiny_models(config: LlamaConfig | None = None, seed: int = 0, with_rew
     )
 
 
-def build_smollm2_models(
+LORA_TARGETS = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_policy(
+    base: LlamaForCausalLM,
+    critic_backbone: LlamaModel,
     *,
-    lora_layers: Sequence[int] = (26, 27, 28, 29),
+    lora_layers: Sequence[int],
     rank: int = 8,
     alpha: float = 16.0,
-    critic_layers: int = 8,
     critic_trainable_layers: int = 2,
-    target_modules: Sequence[str] = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"),
-) -> tuple[PolicyModels, Any]:
-    """SmolLM2-135M actor with a LoRA on ``lora_layers``; returns (models, tokenizer).
-
-    Loads the GGUF once (about 20 s); the critic backbone is a truncated copy of it. Only the
-    LoRA, the critic's last ``critic_trainable_layers`` layers and its head train.
-    """
+    target_modules: Sequence[str] = LORA_TARGETS,
+    base_model: str,
+    pad_token_id: int,
+) -> PolicyModels:
+    """A LoRA actor on ``base`` (the reference is the same network with the adapter disabled) and
+    a critic on ``critic_backbone`` of which only the last ``critic_trainable_layers`` layers and
+    the value head train."""
     from peft import LoraConfig, get_peft_model
 
-    from models.loader import load_model
-
-    loaded = load_model("smollm2-135m")
-    base: LlamaForCausalLM = loaded.model
-    base.config._attn_implementation = "sdpa"
-    critic = ValueModel(truncated_backbone(base.model, critic_layers))
+    critic = ValueModel(critic_backbone)
+    n_critic = len(critic_backbone.layers)
     for name, p in critic.backbone.named_parameters():
         layer = name.split(".")[1] if name.startswith("layers.") else None
-        p.requires_grad_(layer is not None and int(layer) >= critic_layers - critic_trainable_layers)
+        p.requires_grad_(layer is not None and int(layer) >= n_critic - critic_trainable_layers)
     lora = LoraConfig(
         r=rank,
         lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale is valid
@@ -198,12 +198,39 @@ def build_smollm2_models(
         layers_to_transform=list(lora_layers),
     )
     actor = get_peft_model(base, lora)
+    return PolicyModels(
+        actor=actor, critic=critic, reward=None, reference=None, base_model=base_model, pad_token_id=pad_token_id
+    )
+
+
+def build_smollm2_models(
+    *,
+    lora_layers: Sequence[int] = (26, 27, 28, 29),
+    rank: int = 8,
+    alpha: float = 16.0,
+    critic_layers: int = 8,
+    critic_trainable_layers: int = 2,
+    target_modules: Sequence[str] = LORA_TARGETS,
+) -> tuple[PolicyModels, Any]:
+    """SmolLM2-135M actor with a LoRA on ``lora_layers``; returns (models, tokenizer).
+
+    Loads the GGUF once (about 20 s); the critic backbone is a truncated copy of it. Only the
+    LoRA, the critic's last ``critic_trainable_layers`` layers and its head train.
+    """
+    from models.loader import load_model
+
+    loaded = load_model("smollm2-135m")
+    base: LlamaForCausalLM = loaded.model
+    base.config._attn_implementation = "sdpa"
     tokenizer = loaded.tokenizer
-    models = PolicyModels(
-        actor=actor,
-        critic=critic,
-        reward=None,
-        reference=None,
+    models = lora_policy(
+        base,
+        truncated_backbone(base.model, critic_layers),
+        lora_layers=lora_layers,
+        rank=rank,
+        alpha=alpha,
+        critic_trainable_layers=critic_trainable_layers,
+        target_modules=target_modules,
         base_model=loaded.spec.name,
         pad_token_id=int(tokenizer.pad_token_id),
     )
@@ -238,9 +265,12 @@ class ModelSpec:
     with_reward: bool = False
     """Tiny only: add the benchmark's frozen reward network (a compute stand-in)."""
     lora_layers: tuple[int, ...] = (26, 27, 28, 29)
+    """SmolLM2: the layers with a LoRA. Tiny: a LoRA actor only when ``tiny_lora`` (the live
+    structure in miniature: a frozen trunk below the LoRA layers)."""
     lora_rank: int = 8
     critic_layers: int = 8
     critic_trainable_layers: int = 2
+    tiny_lora: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("tiny", "smollm2"):
@@ -249,8 +279,16 @@ class ModelSpec:
             raise ValueError("the live SmolLM2 build has no reward network: rewards arrive as events")
 
     def build(self) -> PolicyModels:
-        if self.kind == "tiny":
+        if self.kind == "tiny" and not self.tiny_lora:
             return build_tiny_models(tiny_llama_config(**self.tiny), seed=self.seed, with_reward=self.with_reward)
+        if self.kind == "tiny":
+            config = tiny_llama_config(**self.tiny)
+            torch.manual_seed(self.seed)
+            base = LlamaForCausalLM(config)
+            critic_backbone = truncated_backbone(base.model, min(self.critic_layers, config.num_hidden_layers))
+            return lora_policy(base, critic_backbone, lora_layers=self.lora_layers, rank=self.lora_rank,
+                               critic_trainable_layers=self.critic_trainable_layers, base_model=TINY_BASE_MODEL,
+                               pad_token_id=config.pad_token_id or 0)
         torch.manual_seed(self.seed)
         models, _ = build_smollm2_models(
             lora_layers=self.lora_layers,
