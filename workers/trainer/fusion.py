@@ -273,6 +273,11 @@ class FusionCluster:
         """Every rank resumes from a published checkpoint."""
         self._all(("load", str(path)), "ok")
 
+    def profile(self, rows: int, length: int, vocab_size: int) -> Any:
+        """Rank 0 times every pipeline stage of both models on one micro-batch (``StageTimes``)."""
+        self.conns[0].send(("profile", rows, length, vocab_size))
+        return self._expect(self.conns[0], "profiled")[2]
+
     def export(self, store_root: Path, meta: CheckpointMeta) -> tuple[str, Path]:
         """Rank 0 stores the current policy; returns (digest, directory)."""
         self.conns[0].send(("export", str(store_root), meta))

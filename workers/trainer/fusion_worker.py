@@ -258,6 +258,13 @@ class FusionWorker:
             self.conn.send(("ok", self.rank))
         elif kind == "digest":
             self.conn.send(("digest", self.rank, self.digest()))
+        elif kind == "profile":
+            from workers.trainer.fusion_plan import profile_models
+
+            rows, length, vocab = cmd[1:]
+            times = profile_models(self.models, self.world, rows, length, vocab, actor_cuts=self.spec.actor_cuts,
+                                   critic_cuts=self.spec.critic_cuts, repeats=3)
+            self.conn.send(("profiled", self.rank, times))
         else:
             raise ValueError(f"unknown command {kind!r}")
         return True
