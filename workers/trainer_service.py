@@ -88,6 +88,8 @@ class TrainerService:
         self.held: dict[str, list[tuple[TopicPartition, int]]] = {}
         self.txn_lock = asyncio.Lock()
         self.stop = asyncio.Event()
+        self.prompts_primed = asyncio.Event()
+        """Set once the prompt pool holds the request stream's tail as of start-up."""
         self.steps_published = 0
 
     @property
@@ -204,6 +206,8 @@ class TrainerService:
 
     async def train_when_ready(self) -> None:
         self.buffer.expire(time.monotonic())
+        if not self.prompts_primed.is_set():
+            return  # the first iteration samples prompts from the stream's tail, not from nothing
         while self.trainer.ready(time.monotonic()) and await self.may_train():
             started = time.monotonic()
             step = await asyncio.to_thread(self.trainer.iterate, started)
@@ -238,6 +242,10 @@ class TrainerService:
                         continue
                     self.trainer.add_prompt(request["request_id"], request["tenant_id"], request["user_id"],
                                             prompt_text(request))
+                if not self.prompts_primed.is_set():
+                    caught_up = [await reader.raw.position(tp) >= ends[tp] for tp in tps]
+                    if all(caught_up):
+                        self.prompts_primed.set()
                 if self.stop.is_set():
                     return
         finally:
