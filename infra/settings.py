@@ -105,6 +105,14 @@ class Settings(BaseSettings):
     personalizer_max_updates_per_hour: float = Field(default=30.0, gt=0, description="ASLS: per-user update cap")
     personalizer_agree_octaves: float = Field(
         default=3.0, ge=0, description="ASLS: how much agreement with the adapter postpones updates (0: none)")
+    personalizer_adapter_kind: Literal["lora", "comigs"] = Field(
+        default="comigs",
+        description="per-user adapter: a LoRA, or a CoMiGS mixture of generalist and specialist experts")
+    personalizer_round_users: int = Field(
+        default=2, ge=1, description="CoMiGS: distinct users whose updates make one generalist-averaging round")
+    personalizer_rebase_budget_s: float = Field(
+        default=120.0, ge=0, description="seconds spent re-basing users' adapters onto a new base version")
+    personalizer_rebase_steps: int = Field(default=8, ge=0, description="training steps of one re-base")
 
     @property
     def artifacts_dir(self) -> Path:

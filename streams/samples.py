@@ -52,7 +52,7 @@ def samples() -> dict[str, dict[str, Any]]:
         "Reward": {**_env(), "request_id": "req-1", "reward": 0.75, "source": "feedback", "feedback_id": "evt-fb"},
         "AdapterPublished": {**_env(), "adapter_hash": "ab" * 32, "base_model": "smollm2-135m", "version": 3,
                              "uri": "artifacts/adapters/abab", "rank": 4, "parent_hash": None,
-                             "rollback": False, "metrics": {"loss": 0.5}},
+                             "rollback": False, "metrics": {"loss": 0.5}, "base_version": "base"},
         "ModelPublished": {**_env(), "model": "smollm2-135m", "version": "v2", "checkpoint_hash": "cd" * 32,
                            "uri": "artifacts/checkpoints/cdcd", "step": 2, "parent_version": "v1",
                            "metrics": {"kl": 0.01}},
