@@ -12,6 +12,9 @@ checks the invariants:
 Faults: SIGKILL + restart of the broker, SIGKILL of a worker mid-batch, SIGKILL of the router,
 restart of Postgres, SIGSTOP of the broker for 10 s, and a consumer-group rebalance from a second
 worker joining. Processes killed here are restarted by the supervisor, as in ``flywheel up``.
+
+The learners' faults (the trainer killed mid-iteration, the personaliser killed mid-update) need
+their own processes and checks: ``flywheel.chaos.learners`` (``LEARNER_FAULTS``, re-exported here).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 from agents.router import ROUTER_CONFIG, journal_name
 from agents.router_feedback import load_state, prompt_key
 from core.routing.state import RouterFeedback, RouterState
+from flywheel.chaos.learners import LEARNER_FAULTS, LearnerResult, run_learner_faults
 from flywheel.client import FlywheelClient
 from flywheel.supervisor import ChildSpec, Supervisor
 from infra.connect import Services, connect
@@ -280,3 +284,6 @@ async def run_faults(settings: Settings, faults: tuple[str, ...] = FAULTS, runs:
     finally:
         await system.stop()
     return results
+
+
+__all__ = ["FAULTS", "LEARNER_FAULTS", "LearnerResult", "RunResult", "run_faults", "run_learner_faults"]
