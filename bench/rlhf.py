@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anneal-iterations", type=int, default=20_000, help="annealing moves per restart")
     parser.add_argument("--no-pin", action="store_true", help="do not pin ranks to CPU cores")
     parser.add_argument("--quick", action="store_true", help="small batch, 1 seed, 1 round (smoke test)")
+    parser.add_argument("--live", action="store_true",
+                        help="measure the live trainer's own iteration on SmolLM2 instead (bench/rlhf_live.py)")
+    parser.add_argument("--live-batch", type=int, default=8, help="--live: rewarded rollouts per iteration")
+    parser.add_argument("--live-generate", type=int, default=4, help="--live: live prompts answered per iteration")
+    parser.add_argument("--live-max-new-tokens", type=int, default=48)
+    parser.add_argument("--live-repeats", type=int, default=3)
 
 
 def _summary(reports: list[Any]) -> dict[str, Any]:
@@ -223,6 +229,10 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.live:
+        from bench.rlhf_live import run_live
+
+        return run_live(args)
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",") if s.strip()]
     per_seed = [run_seed(args, seed) for seed in seeds]
     agreement = _agreement(per_seed[0]["_workload"], per_seed[0]["_plans"], pin=not args.no_pin)

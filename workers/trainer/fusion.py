@@ -336,6 +336,13 @@ class FusionCluster:
             migration_at = moved if moved is not None else migration_at
         gen_done = time.perf_counter()
         train_set = self._train_set(plan, given, generated, scored)
+        out_generated = {
+            sid: (toks, lps, list(scored.get(sid, {}).get("ref", []))) for sid, (toks, lps) in generated.items()
+        }
+        if not train_set:  # generation (and inference) only
+            return IterationReport(fused=plan.fused, wall_s=gen_done - start, gen_inference_s=gen_done - start,
+                                   train_s=0.0, busy_s=[], busy_cpu_s=[], batch_size=0, migration_at_s=migration_at,
+                                   events=events, generated=out_generated)
         samples, exp_stats = experience(train_set, self.ppo)
         lengths = {sid: len(s.prompt) + len(s.response) for sid, s in samples.items()}
         flushes = [
@@ -359,9 +366,6 @@ class FusionCluster:
             "value_loss": sum(s["value_loss_sum"] for s in stats) / len(flushes),
             "clipfrac": sum(s["clipfrac_tokens"] for s in stats) / tokens,
             "approx_kl": sum(s["approx_kl_tokens"] for s in stats) / tokens,
-        }
-        out_generated = {
-            sid: (toks, lps, list(scored.get(sid, {}).get("ref", []))) for sid, (toks, lps) in generated.items()
         }
         return IterationReport(
             fused=plan.fused,
@@ -415,8 +419,6 @@ class FusionCluster:
             for sid, (toks, lps) in generated.items():
                 s = scored[sid]
                 out[sid] = (prompts[sid], tuple(toks), lps, s["ref"], s["values"], s["reward"])
-        if not out:
-            raise ValueError("the iteration has nothing to train on")
         return out
 
 

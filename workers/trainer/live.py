@@ -189,7 +189,8 @@ class LiveTrainer:
         self._lock = threading.Lock()
         """Guards the tokenizer and the prompt pool: the event loop adds prompts while an
         iteration runs in a worker thread (fast tokenizers must not be used concurrently)."""
-        self.schedule: Schedule | None = None
+        self.schedules: dict[bool, Schedule] = {}
+        """The fused (annealed) and unfused (sequential 1F1B) training schedules."""
         self.planning: dict[str, float] = {}
         self.last_started = -float("inf")
 
@@ -228,16 +229,14 @@ class LiveTrainer:
         vocab = int(self.spec.tiny.get("vocab_size", 256)) if self.spec.kind == "tiny" else 32_000
         times = self.cluster.profile(rows, length, vocab)
         problem = build_problem(cfg.microbatches, times, unit_s=1e-3)
-        if cfg.fused and cfg.ranks > 1:
-            result = anneal_schedule(problem, AnnealConfig(iterations=cfg.anneal_iterations,
-                                                           memory_iterations=cfg.anneal_iterations // 4,
-                                                           restarts=1, seed=cfg.seed))
-            self.schedule = result.schedule
-            self.planning = {"sim_fused_ms": float(result.timeline.makespan),
-                             "sim_unfused_ms": float(result.initial.makespan)}
-        else:
-            self.schedule = sequential_schedule(problem)
-        self.planning["planning_s"] = time.perf_counter() - t0
+        self.schedules[False] = sequential_schedule(problem)
+        result = anneal_schedule(problem, AnnealConfig(iterations=cfg.anneal_iterations,
+                                                       memory_iterations=cfg.anneal_iterations // 4,
+                                                       restarts=1, seed=cfg.seed))
+        self.schedules[True] = result.schedule
+        self.planning = {"sim_fused_ms": float(result.timeline.makespan),
+                         "sim_unfused_ms": float(result.initial.makespan),
+                         "planning_s": time.perf_counter() - t0}
         log.info("fused schedule planned in %.1fs: %s", self.planning["planning_s"],
                  {k: round(v, 1) for k, v in self.planning.items()})
 
@@ -267,8 +266,10 @@ class LiveTrainer:
 
     # ------------------------------------------------------------------ one iteration
 
-    def iterate(self, now: float) -> LiveStep:
+    def iterate(self, now: float, fused: bool | None = None) -> LiveStep:
+        """One iteration (``fused`` overrides the configuration: the benchmark runs both)."""
         cfg = self.cfg
+        fused = cfg.fused if fused is None else fused
         self.last_started = now
         taken = self.buffer.take(cfg.batch_size)
         with self._lock:
@@ -283,7 +284,7 @@ class LiveTrainer:
         plan = IterationPlan(
             generate=items,
             given=given,
-            fused=cfg.fused,
+            fused=fused,
             rt=cfg.rt,
             inference_microbatch=cfg.inference_microbatch,
             eos_ids=self.eos_ids,
@@ -291,7 +292,7 @@ class LiveTrainer:
             n_minibatches=cfg.minibatches,
             n_microbatches=cfg.microbatches,
             epochs=cfg.epochs,
-            schedule=self.schedule,
+            schedule=self.schedules[fused],
         )
         report = self.cluster.run_iteration(plan)
         parent = self.version
@@ -312,7 +313,7 @@ class LiveTrainer:
         metrics = {**report.metrics, "wall_s": report.wall_s, "gen_inference_s": report.gen_inference_s,
                    "train_s": report.train_s, "idle_fraction": report.idle_fraction,
                    "busy_cpu_s": sum(report.busy_cpu_s), "generated": float(len(generated)),
-                   "fused": float(cfg.fused), "ranks": float(cfg.ranks),
+                   "fused": float(fused), "ranks": float(cfg.ranks),
                    "migrated": float(report.migration_at_s is not None),
                    **{k: float(v) for k, v in self.buffer.counters.items()}}
         return LiveStep(version, parent, self.step, path, digest, metrics, tuple(generated),
