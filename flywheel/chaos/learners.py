@@ -160,8 +160,9 @@ class LearnerChaos:
         return response
 
     # -- the trainer -------------------------------------------------------------------------------
-    async def _reward_batch(self, tag: str) -> None:
-        """Two served, rewarded rollouts: one PPO step's worth of work (batch size 2)."""
+    async def _reward_batch(self, tag: str) -> float:
+        """Two served, rewarded rollouts: one PPO step's worth of work (batch size 2); returns
+        the moment (monotonic) the last reward went out, when the iteration can start."""
         assert self.producer is not None
         catalog = self.svc.catalog
         answers = [await self._ask(f"{tag}-user", p) for p in (f"{tag}: what is 2+3?", f"{tag}: name a fruit.")]
@@ -175,6 +176,7 @@ class LearnerChaos:
             reward = {**envelope(r["request_id"], "chaos", r["user_id"]), "request_id": r["request_id"],
                       "reward": 1.0 if i == 0 else -1.0, "source": "feedback", "feedback_id": None}
             await self.producer.send_and_wait(catalog.rewards, reward, key=r["request_id"])
+        return time.monotonic()
 
     async def _steps(self) -> list[dict[str, Any]]:
         return [e for e in await self._events(self.svc.catalog.models_topic) if e["model"] == MODEL]
@@ -182,8 +184,7 @@ class LearnerChaos:
     async def trainer_kill(self) -> LearnerResult:
         started = time.monotonic()
         before = len(await self._steps())
-        t0 = time.monotonic()
-        await self._reward_batch("warm")
+        t0 = await self._reward_batch("warm")
         await self._wait(lambda: self._at_least(before + 1), 900, "the undisturbed PPO step")
         iteration_s = time.monotonic() - t0
         await self._reward_batch("fault")
@@ -215,8 +216,9 @@ class LearnerChaos:
         return len(await self._steps()) >= n
 
     # -- the personaliser ----------------------------------------------------------------------------
-    async def _feedback_round(self, user: str, topic: str) -> list[str]:
-        """Two sampled answers and the feedback that makes the personaliser update ``user``."""
+    async def _feedback_round(self, user: str, topic: str) -> tuple[list[str], float]:
+        """Two sampled answers and the feedback that makes the personaliser update ``user``;
+        returns the feedback ids and the moment the last one went out."""
         assert self.producer is not None
         prompt = f"Describe {topic} in one sentence."
         first = await self._ask(user, prompt, seed=1)
@@ -230,7 +232,7 @@ class LearnerChaos:
         ]
         for event in sent:
             await self.producer.send_and_wait(self.svc.catalog.feedback, event, key=user)
-        return [e["event_id"] for e in sent]
+        return [e["event_id"] for e in sent], time.monotonic()
 
     async def _versions(self, user: str) -> list[dict[str, Any]]:
         return [e for e in await self._events(self.svc.catalog.adapters) if e["user_id"] == user]
@@ -238,12 +240,12 @@ class LearnerChaos:
     async def personalizer_kill(self) -> LearnerResult:
         started = time.monotonic()
         user = f"chaos-{int(started)}"
-        t0 = time.monotonic()
-        sent = await self._feedback_round(user, "the sea")
+        sent, t0 = await self._feedback_round(user, "the sea")
         await self._wait(lambda: self._versions_at_least(user, 1), 900, "the undisturbed adapter update")
         update_s = time.monotonic() - t0
-        sent += await self._feedback_round(user, "a forest")
-        await asyncio.sleep(max(1.0, update_s / 4))  # the two answers take part of it; the update is the rest
+        more, _ = await self._feedback_round(user, "a forest")
+        sent += more
+        await asyncio.sleep(max(1.0, update_s / 2))
         killed_before = len({e["version"] for e in await self._versions(user)})
         self._kill("personalizer")
         await self._wait(lambda: self._versions_at_least(user, 2), 900, "the update of the killed personaliser")
@@ -261,7 +263,7 @@ class LearnerChaos:
         gaps = sorted(set(range(1, max(versions) + 1)) - set(versions)) if versions else []
         lost = sum(1 for f in sent if f not in applied_ids) + len(gaps)
         half = sum(1 for r in rows if not _intact(r["uri"], r["adapter_hash"]))
-        notes = [f"update took {update_s:.0f}s undisturbed (answers included)",
+        notes = [f"update took {update_s:.0f}s undisturbed; killed {max(1.0, update_s / 2):.0f}s into the next",
                  f"versions {versions}; {len(applied_ids)}/{len(sent)} feedback applied; "
                  f"personaliser restarts {self.supervisor.status()['personalizer']['restarts']}"]
         return LearnerResult("personalizer_kill", work=2, published=len(hashes), lost=lost, duplicated=duplicated,
