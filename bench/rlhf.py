@@ -72,7 +72,7 @@ def _summary(reports: list[Any]) -> dict[str, Any]:
 
 
 def _workload(args: argparse.Namespace, seed: int) -> Any:
-    from workers.trainer.fusion import FusionWorkload
+    from workers.trainer.workload import FusionWorkload
 
     if args.quick:
         return FusionWorkload(batch_size=8, max_len=48, n_minibatches=1, n_microbatches=2, seed=seed)
@@ -100,7 +100,7 @@ def _plan(args: argparse.Namespace, workload: Any, lengths: list[int]) -> tuple[
     decode, inference = profile_generation_costs(workload)
     best_rt, sweep = simulated_rt_sweep(workload, decode, inference)
     rt = best_rt if args.rt == "auto" else float(args.rt)
-    from workers.trainer.fusion import FusionWorkload
+    from workers.trainer.workload import FusionWorkload
 
     workload = FusionWorkload(**{**vars(workload), "rt": rt})
     gen_unfused, gen_fused = simulated_gen_inference(workload, lengths, decode, inference)
@@ -178,7 +178,8 @@ def _agreement(workload: Any, plans: dict[str, Any], pin: bool) -> dict[str, flo
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    from workers.trainer.fusion import FusionCluster, sample_lengths
+    from workers.trainer.fusion import FusionCluster
+    from workers.trainer.workload import sample_lengths
 
     workload = _workload(args, seed)
     lengths = sample_lengths(workload)

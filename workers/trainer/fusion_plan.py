@@ -25,7 +25,7 @@ from core.rlhf.pipeline import (
     sequential_schedule,
     simulate,
 )
-from workers.trainer.fusion import FusionWorkload, partition_minibatches
+from workers.trainer.workload import FusionWorkload, partition_minibatches
 
 __all__ = ["StageTimes", "build_problem", "plan_schedules", "profile_models", "profile_stage_times"]
 
@@ -217,7 +217,7 @@ def simulated_rt_sweep(
     batches: int = 8,
 ) -> tuple[float, dict[float, float]]:
     """RLHFuse's offline Rt choice: simulate the policy over batches drawn from the length law."""
-    from workers.trainer.fusion import sample_lengths
+    from workers.trainer.workload import sample_lengths
 
     samples = [sample_lengths(FusionWorkload(**{**vars(workload), "seed": workload.seed + k})) for k in range(batches)]
     costs = StageCosts(decode_step=decode, inference=lambda n, t: inference(t))
