@@ -209,6 +209,30 @@ class MixtureTrainer:
         self._loaded = str(path)
         return digest, path
 
+    # --- caches (the same files as ``AdapterTrainer``'s: they depend on the base model only) ------
+    def _cache_meta(self) -> dict[str, Any]:
+        c = self.config.loss
+        return {"base_model": c.base_model_name, "base_version": self.base_version, "split": self.scorer.split,
+                "max_prompt": c.max_prompt_tokens, "max_response": c.max_response_tokens,
+                "length_normalize": c.length_normalize, "hidden": int(self.model.config.hidden_size)}
+
+    def save_caches(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"meta": self._cache_meta(), "trunk": self.scorer.export_states(), "ref": dict(self._ref)}, tmp)
+        tmp.replace(path)
+
+    def load_caches(self, path: Path) -> int:
+        if not path.exists():
+            return 0
+        data = torch.load(path, weights_only=True)
+        if data.get("meta") != self._cache_meta():
+            log.warning("ignoring cache %s: saved for %s", path.name, data.get("meta"))
+            return 0
+        self.scorer.import_states(data["trunk"])
+        self._ref.update({tuple(k): float(v) for k, v in data["ref"].items()})
+        return len(data["trunk"])
+
     # --- scoring ---------------------------------------------------------------------------------
     def _encode(self, prompt: str, response: str) -> EncodedPair:
         return self.encoder.encode(prompt, response)
