@@ -228,7 +228,13 @@ class TrainerService:
         reader = EventConsumer(self.s.kafka, self.s.serde, [], group_id=None, auto_offset_reset="latest")
         await reader.start()
         try:
-            parts = (await partitions_of(self.s.kafka, [catalog.requests]))[catalog.requests]
+            while True:
+                try:
+                    parts = (await partitions_of(self.s.kafka, [catalog.requests]))[catalog.requests]
+                    break
+                except KeyError:  # no request stream yet: train without live prompts meanwhile
+                    self.prompts_primed.set()
+                    await asyncio.sleep(5)
             tps = [TopicPartition(catalog.requests, p) for p in parts]
             reader.raw.assign(tps)
             ends = await reader.raw.end_offsets(tps)
