@@ -28,7 +28,7 @@ from streams.events import envelope, event_time_ms
 
 def adapter_published(user: UserState, feedback: dict[str, Any] | None, base_model: str, rank: int,
                       parent_hash: str | None, metrics: dict[str, float], rollback: bool = False,
-                      tenant_id: str = "default") -> dict[str, Any]:
+                      tenant_id: str = "default", base_version: str = "base") -> dict[str, Any]:
     """The AdapterPublished event for the user's current adapter (deterministic event id)."""
     assert user.current is not None
     event_id = hashlib.sha256(f"adapter:{user.user_id}:{user.current.version}".encode()).hexdigest()[:32]
@@ -39,6 +39,7 @@ def adapter_published(user: UserState, feedback: dict[str, Any] | None, base_mod
         "adapter_hash": user.current.adapter_hash, "base_model": base_model, "version": user.current.version,
         "uri": user.current.uri, "rank": rank, "parent_hash": parent_hash, "rollback": rollback,
         "metrics": {k: float(v) for k, v in metrics.items() if not math.isnan(v)},  # NaN: no steps ran
+        "base_version": base_version,
     }
 
 
@@ -102,6 +103,12 @@ class PersonalizerStore:
         return bool(await self.pool.fetchval(
             "SELECT 1 FROM personalizer_applied WHERE feedback_id = $1", feedback_id))
 
+    async def announcement_of(self, user_id: str, version: int) -> dict[str, Any] | None:
+        """The AdapterPublished event recorded for one of the user's versions."""
+        raw = await self.pool.fetchval("SELECT event FROM adapters WHERE user_id = $1 AND version = $2",
+                                       user_id, version)
+        return dict(raw) if raw is not None else None
+
     async def announcements_for(self, feedback_id: str) -> list[dict[str, Any]]:
         """AdapterPublished events a feedback event caused (re-sent when it is redelivered)."""
         rows = await self.pool.fetch("SELECT event FROM adapters WHERE feedback_id = $1 ORDER BY version",
@@ -109,8 +116,9 @@ class PersonalizerStore:
         return [dict(r["event"]) for r in rows]
 
     async def apply(self, user: UserState, read_version: int, feedback_id: str | None,
-                    announcement: dict[str, Any] | None) -> None:
-        """Persist the user's new state, the applied marker and the announced adapter together.
+                    announcement: dict[str, Any] | None, contribution: tuple[str, int] | None = None) -> None:
+        """Persist the user's new state, the applied marker and the announced adapter together
+        (and, for a CoMiGS mixture, the user's contribution ``(mixture uri, round)`` to rounds).
 
         ``read_version`` is the user's ``last_version`` when the caller read the state; if an
         operator rolled the user back meanwhile, nothing is written and :class:`StateConflict` is
@@ -133,9 +141,41 @@ class PersonalizerStore:
                 a = announcement
                 await conn.execute(
                     "INSERT INTO adapters (user_id, version, adapter_hash, base_model, uri, parent_hash, rollback, "
-                    "metrics, feedback_id, event) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10::jsonb)",
+                    "metrics, feedback_id, event, base_version) "
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10::jsonb, $11)",
                     a["user_id"], a["version"], a["adapter_hash"], a["base_model"], a["uri"], a["parent_hash"],
-                    a["rollback"], a["metrics"], feedback_id, a)
+                    a["rollback"], a["metrics"], feedback_id, a, a.get("base_version", "base"))
+            if contribution is not None:
+                await conn.execute(
+                    "INSERT INTO comigs_contributions (user_id, mixture_uri, round) VALUES ($1, $2, $3) "
+                    "ON CONFLICT (user_id) DO UPDATE SET mixture_uri = EXCLUDED.mixture_uri, "
+                    "round = EXCLUDED.round, updated_at = now()", user.user_id, contribution[0], contribution[1])
+
+    # --- CoMiGS rounds -------------------------------------------------------------------------------
+    async def current_round(self) -> tuple[int, str | None]:
+        """(round number, uri of its averaged generalists); round 0 has none yet."""
+        row = await self.pool.fetchrow("SELECT round, uri FROM comigs_rounds ORDER BY round DESC LIMIT 1")
+        return (0, None) if row is None else (int(row["round"]), str(row["uri"]))
+
+    async def round_contributions(self, round_: int) -> dict[str, str]:
+        """User -> mixture uri of the updates that started from ``round_``'s generalists."""
+        rows = await self.pool.fetch("SELECT user_id, mixture_uri FROM comigs_contributions WHERE round = $1",
+                                     round_)
+        return {r["user_id"]: r["mixture_uri"] for r in rows}
+
+    async def close_round(self, round_: int, generalist_hash: str, uri: str, users: list[str]) -> bool:
+        """Record round ``round_ + 1``'s generalists; False if another process recorded it first."""
+        status = await self.pool.execute(
+            "INSERT INTO comigs_rounds (round, generalist_hash, uri, users) VALUES ($1, $2, $3, $4::jsonb) "
+            "ON CONFLICT (round) DO NOTHING", round_ + 1, generalist_hash, uri, sorted(users))
+        return bool(status.endswith(" 1"))
+
+    # --- re-basing -----------------------------------------------------------------------------------
+    async def users_with_adapters(self) -> list[UserState]:
+        """Every user with a current adapter, most recently active first."""
+        rows = await self.pool.fetch("SELECT state FROM personalizer_users WHERE state->>'current' IS NOT NULL "
+                                     "ORDER BY updated_at DESC")
+        return [UserState.from_json(r["state"]) for r in rows]
 
     async def history(self, user_id: str) -> list[AdapterRef]:
         """Every adapter version announced for the user, oldest first."""
@@ -156,7 +196,7 @@ class PersonalizerStore:
             if raw is None:
                 raise ValueError(f"user {user_id!r} has no personalisation state")
             user = UserState.from_json(raw)
-            rows = await conn.fetch("SELECT version, adapter_hash, uri, base_model FROM adapters "
+            rows = await conn.fetch("SELECT version, adapter_hash, uri, base_model, base_version FROM adapters "
                                     "WHERE user_id = $1 ORDER BY version", user_id)
             versions = {r["version"]: r for r in rows}
             if to_version is None:  # the newest earlier version with other weights than the current
@@ -175,14 +215,17 @@ class PersonalizerStore:
             if user.current is None:  # back to the base model: announce an empty hash
                 event = adapter_published(replace(user, current=AdapterRef(user.last_version, "", "")), None,
                                           base_model, 0, parent, {}, rollback=True)
-            else:
-                event = adapter_published(user, None, base_model, 0, parent, {}, rollback=True)
+            else:  # the restored adapter keeps the base version it was trained on (its pin)
+                event = adapter_published(user, None, base_model, 0, parent, {}, rollback=True,
+                                          base_version=versions[to_version]["base_version"])
             await conn.execute(
                 "UPDATE personalizer_users SET state = $2::jsonb, updated_at = now() WHERE user_id = $1",
                 user_id, user.to_json())
             await conn.execute(
                 "INSERT INTO adapters (user_id, version, adapter_hash, base_model, uri, parent_hash, rollback, "
-                "metrics, feedback_id, event) VALUES ($1, $2, $3, $4, $5, $6, true, '{}'::jsonb, NULL, $7::jsonb)",
-                user_id, event["version"], event["adapter_hash"], base_model, event["uri"], parent, event)
+                "metrics, feedback_id, event, base_version) "
+                "VALUES ($1, $2, $3, $4, $5, $6, true, '{}'::jsonb, NULL, $7::jsonb, $8)",
+                user_id, event["version"], event["adapter_hash"], base_model, event["uri"], parent, event,
+                event["base_version"])
             await publish(event)
             return event

@@ -7,17 +7,23 @@ into train/validation/test before chunking, so no article straddles two splits; 
 tokenised with SmolLM2's tokenizer into 128-token chunks. One user (``tech``) keeps only 10%
 of its training and validation chunks: the data-poor user.
 
-Model: frozen SmolLM2-135M; each arm adapts the MLPs of the last 4 layers with rank-8 LoRA
-experts. Hidden states entering layer 26 are computed once and cached on disk, so every step
-runs 4 layers plus the LM head. Arms, all with the same rounds x local expert steps x batch:
+Model: frozen SmolLM2-135M; each arm adapts the MLPs of the last 4 layers with LoRA experts.
+Hidden states entering layer 26 are computed once and cached on disk, so every step runs 4
+layers plus the LM head. Arms, matched in trainable parameters, forward/backward passes and data:
 
-- ``local``: one LoRA expert per user, no communication;
-- ``fedavg``: one LoRA expert shared by all users, averaged uniformly every round;
-- ``comigs``: one generalist (averaged) + one specialist (local) per user, top-2 token router,
-  router updated on the validation split every ``--router-every`` expert steps (bi-level).
+- ``local``: one LoRA expert of rank ``2r`` per user, no communication;
+- ``fedavg``: one LoRA expert of rank ``2r`` shared by all users, averaged uniformly every round;
+- ``comigs``: one generalist (averaged) + one specialist (local) of rank ``r`` per user, top-2
+  token router, router updated on the validation split every ``--router-every`` expert steps.
+
+CoMiGS's two rank-r experts hold exactly the LoRA parameters of one rank-2r expert (its routers
+add ``hidden x 2`` per layer, reported). The baselines spend CoMiGS's router passes on expert
+updates on the same validation split (``--unmatched``: the old comparison without them). Seeds
+change the article split and the initialisation; the headline is the mean over seeds of the
+per-seed ratio, with min and max.
 
 Perplexity is exact over every predicted token of each user's test chunks after the last round;
-the headline is the mean over users. Target: CoMiGS <= 0.95 x the better of local and FedAvg.
+the per-seed figure is the mean over users. Target: CoMiGS <= 0.95 x the better of local and FedAvg.
 """
 
 from __future__ import annotations
@@ -52,7 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-chunks", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=str, default="0,1,2")
+    parser.add_argument("--rank", type=int, default=8, help="CoMiGS expert rank r (baselines: 2r)")
+    parser.add_argument("--unmatched", action="store_true",
+                        help="baselines without CoMiGS's router passes and with rank r (the old comparison)")
     parser.add_argument("--cache-dir", type=str, default="", help="hidden-state cache (default: user cache)")
     parser.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast on CPU)")
     parser.add_argument("--quick", action="store_true", help="3 users, 2 rounds x 2 steps, few chunks")
@@ -79,10 +88,11 @@ def chunk_articles(articles: list[str], tokenizer: Any, seq_len: int) -> torch.T
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
-def split_user(category: str, tokenizer: Any, args: argparse.Namespace, poor: bool) -> dict[str, torch.Tensor]:
+def split_user(category: str, tokenizer: Any, args: argparse.Namespace, poor: bool, seed: int
+               ) -> dict[str, torch.Tensor]:
     """Article-level 80/10/10 split, chunked, subsampled to the chunk budgets (seeded)."""
     articles = read_articles(category)
-    random.Random(f"{args.seed}-{category}").shuffle(articles)
+    random.Random(f"{seed}-{category}").shuffle(articles)
     a, b = int(0.8 * len(articles)), int(0.9 * len(articles))
     parts = {"train": articles[:a], "val": articles[a:b], "test": articles[b:]}
     budget = {"train": args.train_chunks, "val": args.val_chunks, "test": args.test_chunks}
@@ -90,7 +100,7 @@ def split_user(category: str, tokenizer: Any, args: argparse.Namespace, poor: bo
         budget["train"] = max(2, budget["train"] // 10)
         budget["val"] = max(2, budget["val"] // 10)
     out = {}
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     for split, texts in parts.items():
         chunks = chunk_articles(texts, tokenizer, args.seq_len)
         keep = torch.randperm(len(chunks), generator=gen)[: budget[split]]
@@ -116,14 +126,15 @@ def cached_hidden(model: Any, ids: torch.Tensor, cache_dir: Path) -> torch.Tenso
     return hidden
 
 
-def run_arm(arm: str, tail: Any, data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def run_arm(arm: str, tail: Any, data: dict[str, Any], args: argparse.Namespace, seed: int) -> dict[str, Any]:
     from core.moe.comigs import Client, CoMiGSConfig, train_federated
     from core.moe.lora_moe import MoELoRAConfig
 
+    r, base_rank = args.rank, args.rank if args.unmatched else 2 * args.rank
     shapes = {
-        "local": MoELoRAConfig(n_generalists=0, n_specialists=1),
-        "fedavg": MoELoRAConfig(n_generalists=1, n_specialists=0),
-        "comigs": MoELoRAConfig(n_generalists=1, n_specialists=1, top_k=2),
+        "local": MoELoRAConfig(n_generalists=0, n_specialists=1, rank=base_rank, alpha=2.0 * base_rank),
+        "fedavg": MoELoRAConfig(n_generalists=1, n_specialists=0, rank=base_rank, alpha=2.0 * base_rank),
+        "comigs": MoELoRAConfig(n_generalists=1, n_specialists=1, top_k=2, rank=r, alpha=2.0 * r),
     }
     cfg = CoMiGSConfig(
         rounds=args.rounds,
@@ -134,10 +145,11 @@ def run_arm(arm: str, tail: Any, data: dict[str, Any], args: argparse.Namespace)
         router_every=args.router_every,
         router_steps=args.router_steps,
         share_generalists=arm != "local",
-        seed=args.seed,
+        seed=seed,
         bf16_autocast=not args.fp32,
+        validation_steps_without_router=not args.unmatched,
     )
-    clients = [Client(user, tail, data[user], shapes[arm], cfg, seed=args.seed + i) for i, user in enumerate(data)]
+    clients = [Client(user, tail, data[user], shapes[arm], cfg, seed=seed + i) for i, user in enumerate(data)]
     start = time.perf_counter()
     report = train_federated(clients, cfg)
     train_s = time.perf_counter() - start
@@ -146,80 +158,100 @@ def run_arm(arm: str, tail: Any, data: dict[str, Any], args: argparse.Namespace)
         ppl, share = client.perplexity(client.data.test)
         per_user[client.name] = ppl
         shares[client.name] = share
-    return {"per_user": per_user, "generalist_share": shares, "train_s": train_s, **report}
+    return {"per_user": per_user, "generalist_share": shares, "train_s": train_s,
+            "parameters_per_user": clients[0].n_parameters(), **report}
+
+
+def _data(args: argparse.Namespace, loaded: Any, users: tuple[str, ...], cache_dir: Path, seed: int) -> Any:
+    from core.moe.comigs import Split, UserData
+
+    data: dict[str, UserData] = {}
+    sizes: dict[str, dict[str, int]] = {}
+    for user in users:
+        parts = split_user(user, loaded.tokenizer, args, poor=user == POOR_USER, seed=seed)
+        splits = {name: Split(cached_hidden(loaded.model, ids, cache_dir), ids) for name, ids in parts.items()}
+        data[user] = UserData(**splits)
+        sizes[user] = {name: len(sp) for name, sp in splits.items()}
+    return data, sizes
+
+
+def run_seed(args: argparse.Namespace, loaded: Any, users: tuple[str, ...], cache_dir: Path, seed: int
+             ) -> dict[str, Any]:
+    from core.moe.tail import TailLM
+
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    data, sizes = _data(args, loaded, users, cache_dir, seed)
+    cache_s = time.perf_counter() - t0
+    tail = TailLM(loaded.model, FIRST_LAYER)
+    base = {}
+    with torch.no_grad():
+        for user, d in data.items():
+            nll = torch.cat([tail.token_nll(d.test.hidden[i: i + 8], d.test.ids[i: i + 8]).flatten()
+                             for i in range(0, len(d.test), 8)])
+            base[user] = float(torch.exp(nll.mean()))
+    arms = {arm: run_arm(arm, tail, data, args, seed) for arm in ("local", "fedavg", "comigs")}
+    mean = {arm: statistics.fmean(r["per_user"].values()) for arm, r in arms.items()}
+    best = min(("local", "fedavg"), key=lambda a: mean[a])
+    per_user = {user: {"base": base[user], **{arm: arms[arm]["per_user"][user] for arm in arms},
+                       "comigs_vs_best_baseline": arms["comigs"]["per_user"][user]
+                       / min(arms["local"]["per_user"][user], arms["fedavg"]["per_user"][user])}
+                for user in users}
+    return {
+        "seed": seed,
+        "perplexity": {**mean, "base": statistics.fmean(base.values())},
+        "best_baseline": best,
+        "ratio_vs_best_baseline": mean["comigs"] / mean[best],
+        "per_user": per_user,
+        "comigs_generalist_share": arms["comigs"]["generalist_share"],
+        "bytes_sent": {arm: r["bytes_sent"] for arm, r in arms.items()},
+        "forward_backward_passes": {arm: r["forward_backward"] for arm, r in arms.items()},
+        "trainable_parameters_per_user": {arm: r["parameters_per_user"] for arm, r in arms.items()},
+        "train_s": {arm: round(r["train_s"], 1) for arm, r in arms.items()},
+        "chunks": sizes,
+        "hidden_cache_s": round(cache_s, 1),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from core.moe.comigs import Split, UserData
-    from core.moe.tail import TailLM
     from models.loader import load_model
 
     if args.quick:
         args.rounds, args.local_steps, args.train_chunks, args.val_chunks, args.test_chunks = 2, 2, 12, 2, 2
-        args.router_every, args.router_steps, args.batch_size = 2, 1, 2
+        args.router_every, args.router_steps, args.batch_size, args.seeds = 2, 1, 2, "0"
     users = USERS[2:] if args.quick else USERS  # quick: politics, sports, tech (the poor user)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     loaded = load_model("smollm2-135m")
-    model = loaded.model
-    model.config._attn_implementation = "sdpa"
+    loaded.model.config._attn_implementation = "sdpa"
     load_s = time.perf_counter() - t0
     cache_dir = (
         Path(args.cache_dir)
         if args.cache_dir
         else Path(os.environ.get("FLYWHEEL_MODEL_CACHE", Path.home() / ".cache" / "flywheel-models")) / "comigs-hidden"
     )
-    t0 = time.perf_counter()
-    data: dict[str, UserData] = {}
-    sizes: dict[str, dict[str, int]] = {}
-    for user in users:
-        parts = split_user(user, loaded.tokenizer, args, poor=user == POOR_USER)
-        splits = {name: Split(cached_hidden(model, ids, cache_dir), ids) for name, ids in parts.items()}
-        data[user] = UserData(**splits)
-        sizes[user] = {name: len(s) for name, s in splits.items()}
-    cache_s = time.perf_counter() - t0
-    tail = TailLM(model, FIRST_LAYER)
-    base = {}
-    with torch.no_grad():
-        for user, d in data.items():
-            nll = torch.cat(
-                [
-                    tail.token_nll(d.test.hidden[i : i + 8], d.test.ids[i : i + 8]).flatten()
-                    for i in range(0, len(d.test), 8)
-                ]
-            )
-            base[user] = float(torch.exp(nll.mean()))
-    arms = {arm: run_arm(arm, tail, data, args) for arm in ("local", "fedavg", "comigs")}
-    mean = {arm: statistics.fmean(r["per_user"].values()) for arm, r in arms.items()}
-    best_baseline = min(mean["local"], mean["fedavg"])
-    per_user = {user: {"base": base[user], **{arm: arms[arm]["per_user"][user] for arm in arms}} for user in users}
+    per_seed = [run_seed(args, loaded, users, cache_dir, seed) for seed in seeds]
+    ratios = [r["ratio_vs_best_baseline"] for r in per_seed]
+    per_user = {user: {arm: statistics.fmean(r["per_user"][user][arm] for r in per_seed)
+                       for arm in ("base", "local", "fedavg", "comigs", "comigs_vs_best_baseline")}
+                for user in users}
     return {
-        "perplexity": {**mean, "base": statistics.fmean(base.values())},
-        "per_user": per_user,
-        "ratio_vs_best_baseline": mean["comigs"] / best_baseline,
+        "ratio_vs_best_baseline": statistics.fmean(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "ratio_per_seed": [round(x, 4) for x in ratios],
         "target_ratio": 0.95,
-        "worst_user": {arm: max(r["per_user"].values()) for arm, r in arms.items()},
-        "comigs_generalist_share": arms["comigs"]["generalist_share"],
-        "bytes_sent": {arm: r["bytes_sent"] for arm, r in arms.items()},
-        "forward_backward_passes": {arm: r["forward_backward"] for arm, r in arms.items()},
-        "train_s": {arm: round(r["train_s"], 1) for arm, r in arms.items()},
+        "perplexity": {arm: statistics.fmean(r["perplexity"][arm] for r in per_seed)
+                       for arm in ("base", "local", "fedavg", "comigs")},
+        "per_user_mean_over_seeds": per_user,
+        "seeds": per_seed,
         "config": {
-            "users": list(users),
-            "poor_user": POOR_USER,
-            "chunks": sizes,
-            "seq_len": args.seq_len,
-            "rounds": args.rounds,
-            "local_steps": args.local_steps,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "router_every": args.router_every,
-            "router_steps": args.router_steps,
-            "adapted_layers": [FIRST_LAYER, 29],
-            "lora_rank": 8,
-            "threads": args.threads,
-            "model_load_s": round(load_s, 1),
-            "hidden_cache_s": round(cache_s, 1),
-            "date": datetime.date.today().isoformat(),
+            "users": list(users), "poor_user": POOR_USER, "seq_len": args.seq_len, "rounds": args.rounds,
+            "local_steps": args.local_steps, "batch_size": args.batch_size, "lr": args.lr,
+            "router_every": args.router_every, "router_steps": args.router_steps,
+            "adapted_layers": [FIRST_LAYER, 29], "comigs_rank": args.rank,
+            "baseline_rank": args.rank if args.unmatched else 2 * args.rank, "matched": not args.unmatched,
+            "threads": args.threads, "model_load_s": round(load_s, 1), "date": datetime.date.today().isoformat(),
         },
     }

@@ -80,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=2,
                         help="processes simulating (arm, user) pairs side by side (each loads the model once)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adapter-kind", choices=["lora", "comigs"], default="lora",
+                        help="per-user adapters trained by the arms: LoRA, or CoMiGS mixtures (the live default)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--live-users", type=int, default=3,
                         help="users for feedback_to_live_s through the real broker and worker (0: skip)")
@@ -183,11 +185,18 @@ def _curve(per_user: Sequence[Sequence[float]], checkpoints: Sequence[int], wind
     return out
 
 
-def _trainer(model: Any, tokenizer: Any, store: Path, cache_dir: Path) -> Any:
-    """The benchmark's adapter trainer, with the base-model caches loaded from ``cache_dir``."""
+def _trainer(model: Any, tokenizer: Any, store: Path, cache_dir: Path, kind: str = "lora") -> Any:
+    """The benchmark's adapter trainer (a LoRA, or a CoMiGS mixture: the live default), with the
+    base-model caches loaded from ``cache_dir``."""
     from models.adapters import AdapterConfig, AdapterTrainer
 
-    trainer = AdapterTrainer(model, tokenizer, AdapterConfig(base_model_name=MODEL, train_bf16=True), store)
+    loss = AdapterConfig(base_model_name=MODEL, train_bf16=True)
+    if kind == "comigs":
+        from models.adapters.mixture_trainer import MixtureConfig, MixtureTrainer
+
+        trainer: Any = MixtureTrainer(model, tokenizer, MixtureConfig(loss=loss), store)
+    else:
+        trainer = AdapterTrainer(model, tokenizer, loss, store)
     trainer.load_caches(_cache_file(cache_dir, trainer))
     return trainer
 
@@ -200,14 +209,14 @@ _WORKER: dict[str, Any] = {}
 """Per worker process: its own model and trainer (``--jobs`` > 1; spawned, so nothing is shared)."""
 
 
-def _worker_init(threads: int, store: str, cache_dir: str) -> None:
+def _worker_init(threads: int, store: str, cache_dir: str, kind: str = "lora") -> None:
     import torch
 
     from models.loader import load_model
 
     torch.set_num_threads(threads)
     lm = load_model(MODEL)
-    _WORKER["trainer"] = _trainer(lm.model, lm.tokenizer, Path(store), Path(cache_dir))
+    _WORKER["trainer"] = _trainer(lm.model, lm.tokenizer, Path(store), Path(cache_dir), kind)
 
 
 def _worker_simulate(user: SimulatedUser, policy: UpdatePolicy, stream: Sequence[Prompt],
@@ -234,7 +243,7 @@ def _run_arms(args: argparse.Namespace, policies: dict[str, UpdatePolicy], users
 
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_init,
-                                 initargs=(args.threads, str(store), str(args.cache_dir))) as ex:
+                                 initargs=(args.threads, str(store), str(args.cache_dir), args.adapter_kind)) as ex:
             futures = {task: ex.submit(_worker_simulate, users[task[1]], policies[task[0]], streams[task[1]],
                                        pool, args.update_budget_s) for task in tasks}
             for task, future in futures.items():
@@ -279,7 +288,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds: dict[str, float] = {"pool": round(pool_s, 1), "model_load": round(loaded["seconds"], 1)}
     asls_config = ASLSConfig()
     with tempfile.TemporaryDirectory(prefix="flywheel-adapters-") as store:
-        trainer = _trainer(model, tokenizer, Path(store), args.cache_dir)
+        trainer = _trainer(model, tokenizer, Path(store), args.cache_dir, args.adapter_kind)
         t = time.perf_counter()
         for p in prompts:  # base scores of every candidate: the static ranking and the DPO reference
             trainer.score(p.text, pool[p.prompt_id], None)
@@ -339,6 +348,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "fixed_k": args.fixed_k, "fixed_lr": asls_config.base_lr, "fixed_steps": FixedScheduleConfig().steps,
                   "drift_users": sum(u.drift_to is not None for u in users),
                   "drift_at": n_events // 2, "update_budget_s": args.update_budget_s, "threads": args.threads,
-                  "jobs": args.jobs},
+                  "jobs": args.jobs, "adapter_kind": args.adapter_kind},
         "seconds": seconds,
     }

@@ -79,7 +79,26 @@ class Settings(BaseSettings):
     rollout_sample: float = Field(default=0.25, ge=0, le=1, description="share of responses sent as Rollouts")
     trainer_model: str = "smollm2-135m"
     trainer_batch_size: int = Field(default=8, ge=1, description="rewarded rollouts per PPO step")
-    trainer_reward_timeout_s: float = Field(default=300.0, ge=0, description="then the reward model scores")
+    trainer_reward_timeout_s: float = Field(
+        default=300.0, ge=0, description="a rollout with no Reward by then is dropped and counted")
+    trainer_ranks: int = Field(default=2, ge=1, description="gloo rank processes of the fused PPO runtime")
+    trainer_threads_per_rank: int = Field(default=1, ge=1, description="torch threads of each trainer rank")
+    trainer_microbatches: int = Field(default=2, ge=1, description="pipeline micro-batches per PPO mini-batch")
+    trainer_generate: int = Field(
+        default=4, ge=0, description="live prompts the trainer answers per iteration (rewarded later)")
+    trainer_max_new_tokens: int = Field(default=48, ge=1, description="longest trainer-generated response")
+    trainer_fused: bool = Field(default=True, description="RLHFuse fusion on (False: the unfused baseline)")
+    trainer_rt: float = Field(default=0.2, ge=0, le=1, description="tail-migration threshold (share unfinished)")
+    trainer_actor_lr: float = Field(default=5e-5, gt=0, description="actor (LoRA) learning rate")
+    trainer_critic_lr: float = Field(default=1e-4, gt=0, description="critic learning rate")
+    trainer_max_staleness: int = Field(
+        default=4, ge=0, description="train on rollouts of the newest N+1 published versions only")
+    trainer_adapter_rollouts: Literal["exclude", "correct"] = Field(
+        default="exclude", description="adapter-served rollouts: excluded, or importance-corrected")
+    trainer_sampled_only: bool = Field(
+        default=False, description="train only on rollouts sampled at temperature 1 without top-p")
+    trainer_min_interval_s: float = Field(
+        default=0.0, ge=0, description="seconds between the starts of two PPO iterations (CPU duty cycle)")
     personalizer_min_events: int = Field(default=8, ge=1, description="feedback events before a user's first update")
     personalizer_model: str = Field(default="smollm2-135m", description="base model the per-user adapters train on")
     personalizer_update_budget_s: float = Field(default=20.0, gt=0, description="wall-time bound of one adapter update")
@@ -91,6 +110,14 @@ class Settings(BaseSettings):
     personalizer_max_updates_per_hour: float = Field(default=30.0, gt=0, description="ASLS: per-user update cap")
     personalizer_agree_octaves: float = Field(
         default=3.0, ge=0, description="ASLS: how much agreement with the adapter postpones updates (0: none)")
+    personalizer_adapter_kind: Literal["lora", "comigs"] = Field(
+        default="comigs",
+        description="per-user adapter: a LoRA, or a CoMiGS mixture of generalist and specialist experts")
+    personalizer_round_users: int = Field(
+        default=2, ge=1, description="CoMiGS: distinct users whose updates make one generalist-averaging round")
+    personalizer_rebase_budget_s: float = Field(
+        default=120.0, ge=0, description="seconds spent re-basing users' adapters onto a new base version")
+    personalizer_rebase_steps: int = Field(default=8, ge=0, description="training steps of one re-base")
 
     # --- Rewards
     reward_model_min_accuracy: float = Field(

@@ -67,6 +67,11 @@ class AdapterPublished(Event, frozen=True, kw_only=True):
     parent_hash: str | None = None
     rollback: bool = False
     metrics: dict[str, float] = msgspec.field(default_factory=dict)
+    base_version: str = "base"
+    """
+    The base model version the adapter was trained on; workers serve it only while that version is
+    loaded.
+    """
 
 
 class ChatMessage(Record, frozen=True, kw_only=True):
@@ -251,6 +256,18 @@ class Rollout(Event, frozen=True, kw_only=True):
     response_token_ids: list[int]
     token_logprobs: list[float]
     source: RolloutSource = "live"
+    adapter_version: str | None = None
+    """
+    Hash of the user adapter (or mixture) that served it; null: the base model alone. The trainer
+    excludes or importance-corrects such samples.
+    """
+    temperature: float = 1.0
+    """
+    Sampling temperature of the response (0: greedy). token_logprobs are always those of the
+    temperature-1 policy.
+    """
+    top_p: float = 1.0
+    """Nucleus truncation of the sampling (1: none)."""
 
 
 class CandidateScore(Record, frozen=True, kw_only=True):

@@ -275,9 +275,11 @@ class ServingLoop:
             req: ServeRequest = item
             if req.request_id in self._live:
                 continue  # re-delivered while still in flight
-            if req.adapter and req.adapter != BASE_ADAPTER and req.adapter not in self.engine.adapters:
+            if req.adapter and req.adapter != BASE_ADAPTER and (
+                    req.adapter not in self.engine.adapters or not self.engine.adapter_servable(req.adapter)):
                 # Personalisation is best effort: serve the base model and say so in the final
-                # (adapter_version ""), rather than fail the request.
+                # (adapter_version ""), rather than fail the request. An adapter pinned to another
+                # base version than the one loaded is never served (version pinning).
                 req = dataclasses.replace(req, adapter=None)
             ids = req.prompt_ids or tuple(self.engine.encode_prompt(req.prompt))
             arrival = req.arrival_s if req.arrival_s is not None else self.clock()

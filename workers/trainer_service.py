@@ -1,15 +1,20 @@
-"""The trainer consumer: Rollouts and Rewards in, PPO steps, ModelPublished out.
+"""The trainer consumer: Rollouts and Rewards in, fused PPO iterations, ModelPublished out.
 
-Workers publish a sample of served responses as Rollouts (token ids and log-probs included); the
-rewarder turns users' feedback into Rewards; rollouts nobody rated within the timeout are scored
-by the reward model. Every ``batch_size`` rewarded rollouts make one PPO step (``Trainer``), whose
-checkpoint (merged LoRA weights, content-addressed) is announced on the compacted models topic,
-which workers hot-load.
+Workers publish a sample of served responses as Rollouts (token ids, behaviour log-probs, the
+version and adapter that served them); the rewarder turns users' feedback (and, for unrated
+rollouts, its trained reward model) into Rewards. The trainer also reads the tail of the request
+stream for prompts. Every ``batch_size`` rewarded rollouts make one live iteration
+(``workers.trainer.live``: fused generation + inference and the fused actor+critic pipeline on
+gloo ranks); its checkpoint is announced on the compacted models topic, which workers hot-load,
+and the samples it generated go out as Rollouts (``source = "trainer"``) to be rewarded. Rollouts
+that no Reward reaches within the timeout are dropped and counted: nothing here scores them.
 
 Delivery: a rollout or reward is "finished" once the step that used it was published (or it was
-dropped as a duplicate or stale); offsets are committed with ``streams.offsets.OffsetTracker``
-in the same transaction as the ModelPublished event, so a crash loses no rollout and trains on
-none twice. On restart the trainer resumes from the newest published checkpoint of its model.
+dropped: duplicate, stale, excluded, expired); offsets are committed with
+``streams.offsets.OffsetTracker`` in the same transaction as the ModelPublished event and the
+generated Rollouts, so a crash (even mid-iteration) loses no rollout, trains on none twice and
+publishes no half-step: the redelivered events are trained again from the last published
+checkpoint, which the trainer resumes from (its trainer state restores the exact policy).
 """
 
 from __future__ import annotations
@@ -22,21 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
+from core.rlhf.buffer import Rollout, RolloutBuffer
 from core.scheduling.yielding import BackoffConfig
 from infra.connect import Services
 from infra.telemetry import TRAINER_REWARD, TRAINER_STEPS
 from infra.yielding import ServingPressureWatcher, run_as_background
 from streams.dlq import DeadLetters
-from streams.events import envelope
-from streams.kafka import EventConsumer, EventProducer, Received, fetch_committed
+from streams.events import envelope, prompt_text
+from streams.kafka import EventConsumer, EventProducer, Received, fetch_committed, partitions_of
 from streams.offsets import OffsetTracker
 from streams.replay import read_topics
-from workers.trainer.batch import Rollout
-from workers.trainer.checkpoint import read_checkpoint
-from workers.trainer.trainer import StepResult, Trainer
+from workers.trainer.live import LiveStep, LiveTrainer
 
 log = logging.getLogger(__name__)
 
@@ -45,32 +48,34 @@ log = logging.getLogger(__name__)
 class TrainerServiceConfig:
     model: str = "smollm2-135m"
     """The model whose policy is trained (rollouts of other models are ignored)."""
-    score_every_s: float = 5.0
+    tick_s: float = 2.0
+    """How often expiry and readiness are checked when no event arrives."""
+    prompt_tail: int = 256
+    """Requests per partition read back at start-up to fill the prompt pool."""
     yield_to_serving: bool = True
     """Run at low CPU priority and wait (bounded) before each PPO step while workers hold requests."""
 
 
-def resume_actor(actor: torch.nn.Module, checkpoint_dir: Path) -> None:
-    """Load a published checkpoint (base-model names) into a possibly peft-wrapped actor.
-
-    A LoRA actor's checkpoint holds merged weights (W + BA); they go into the wrapped layers'
-    ``base_layer`` while the fresh LoRA starts at zero, so the actor equals the published policy.
-    """
-    _, weights = read_checkpoint(checkpoint_dir)
-    params = actor.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            stem = name[: -len(".weight")] if name.endswith(".weight") else name
-            for candidate in (name, f"base_model.model.{name}", f"base_model.model.{stem}.base_layer.weight"):
-                if candidate in params and params[candidate].shape == tensor.shape:
-                    params[candidate].copy_(tensor)
-                    break
-            else:
-                raise KeyError(f"checkpoint tensor {name} has no place in the actor")
+def rollout_from_event(event: dict[str, Any]) -> Rollout:
+    """A Rollout event as the buffer holds it (raises ValueError when malformed)."""
+    return Rollout(
+        request_id=event["request_id"],
+        prompt_token_ids=tuple(event["prompt_token_ids"]),
+        response_token_ids=tuple(event["response_token_ids"]),
+        response_logprobs=tuple(float(x) for x in event["token_logprobs"]),
+        model_version=event["model_version"],
+        prompt=event["prompt"],
+        response=event["response"],
+        user_id=event["user_id"],
+        adapter_version=event.get("adapter_version") or None,
+        temperature=float(event.get("temperature", 1.0)),
+        top_p=float(event.get("top_p", 1.0)),
+        source=str(event.get("source", "live")),
+    )
 
 
 class TrainerService:
-    def __init__(self, services: Services, trainer: Trainer, config: TrainerServiceConfig) -> None:
+    def __init__(self, services: Services, trainer: LiveTrainer, config: TrainerServiceConfig) -> None:
         self.s = services
         self.trainer = trainer
         self.config = config
@@ -87,10 +92,16 @@ class TrainerService:
         self.held: dict[str, list[tuple[TopicPartition, int]]] = {}
         self.txn_lock = asyncio.Lock()
         self.stop = asyncio.Event()
+        self.prompts_primed = asyncio.Event()
+        """Set once the prompt pool holds the request stream's tail as of start-up."""
         self.steps_published = 0
         settings = services.settings
         self.pressure = ServingPressureWatcher(services, BackoffConfig(max_wait_s=settings.background_max_wait_s)) \
             if config.yield_to_serving else None
+
+    @property
+    def buffer(self) -> RolloutBuffer:
+        return self.trainer.buffer
 
     async def resume(self) -> None:
         """Continue from the newest checkpoint of our model on the models topic, if any."""
@@ -106,25 +117,18 @@ class TrainerService:
             log.warning("newest checkpoint %s is not on this host (%s); training from the base",
                         latest["version"], path)
             return
-        resume_actor(self.trainer.models.actor, path)
-        self.trainer.step_count = int(latest["step"])
-        self.trainer.versions.append(latest["version"])
+        await asyncio.to_thread(self.trainer.resume, path, int(latest["step"]))
         log.info("resumed from %s (step %d)", latest["version"], latest["step"])
+
+    # ------------------------------------------------------------------ ingestion
 
     def _rollout(self, event: dict[str, Any]) -> Rollout | None:
         if event["model"] != self.config.model or not event["response_token_ids"] or not event["prompt_token_ids"]:
             return None
-        return Rollout(request_id=event["request_id"], prompt_token_ids=tuple(event["prompt_token_ids"]),
-                       response_token_ids=tuple(event["response_token_ids"]),
-                       response_logprobs=tuple(float(x) for x in event["token_logprobs"]),
-                       model_version=event["model_version"], prompt=event["prompt"], response=event["response"],
-                       user_id=event["user_id"])
-
-    def _still_held(self) -> set[str]:
-        t = self.trainer
-        return set(t.pending) | set(t.early_rewards) | {r.request_id for r, _ in t.ready_queue}
+        return rollout_from_event(event)
 
     async def _ingest(self, batch: list[Received]) -> None:
+        now = time.monotonic()
         for item in batch:
             r, tp = item.record, item.tp
             if self.tracker.is_done(tp, r.offset):
@@ -140,9 +144,9 @@ class TrainerService:
             try:
                 if r.topic == self.s.catalog.rollouts:
                     rollout = self._rollout(event)
-                    held = rollout is not None and self.trainer.add_rollout(rollout)
+                    held = rollout is not None and self.buffer.add(rollout, now)
                 else:
-                    self.trainer.add_reward(event["request_id"], float(event["reward"]))
+                    self.buffer.add_reward(event["request_id"], float(event["reward"]))
                     held = True
             except ValueError as exc:  # a malformed rollout (e.g. log-probs of the wrong length)
                 await self.dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
@@ -152,54 +156,117 @@ class TrainerService:
                 self.held.setdefault(event["request_id"], []).append((tp, r.offset))
 
     def _release_finished(self) -> None:
-        keep = self._still_held()
+        keep = self.buffer.held()
         for rid in [rid for rid in self.held if rid not in keep]:
             for tp, offset in self.held.pop(rid):
                 self.tracker.close(tp, offset)
 
-    async def _publish(self, result: StepResult | None) -> None:
-        """ModelPublished (if a step ran) and the offsets it finished, atomically."""
+    # ------------------------------------------------------------------ publishing
+
+    def _model_event(self, step: LiveStep) -> dict[str, Any]:
+        return {**envelope(step.version, "system", "trainer"), "model": self.config.model,
+                "version": step.version, "checkpoint_hash": step.digest, "uri": str(step.checkpoint_dir.resolve()),
+                "step": step.step, "parent_version": step.parent_version,
+                "metrics": {k: float(v) for k, v in step.metrics.items()}}
+
+    def _rollout_events(self, step: LiveStep) -> list[dict[str, Any]]:
+        out = []
+        for g in step.generated:
+            out.append({
+                **envelope(g.prompt.request_id, g.prompt.tenant_id, g.prompt.user_id,
+                           event_id=g.request_id),
+                "request_id": g.request_id, "model": self.config.model, "model_version": g.model_version,
+                "prompt": g.prompt.text, "response": g.text, "prompt_token_ids": list(g.prompt.ids),
+                "response_token_ids": list(g.tokens), "token_logprobs": list(g.logprobs), "source": "trainer",
+                "adapter_version": None, "temperature": 1.0, "top_p": 1.0,
+            })
+        return out
+
+    async def _publish(self, step: LiveStep | None) -> None:
+        """ModelPublished, the generated Rollouts (if a step ran) and the offsets it finished, atomically."""
         async with self.txn_lock:
             self._release_finished()
             positions = self.tracker.positions()
-            if result is None and not positions:
+            if step is None and not positions:
                 return
-            record = None
-            if result is not None and result.checkpoint_dir is not None and result.digest is not None:
-                record = {**envelope(result.version, "system", "trainer"), "model": self.config.model,
-                          "version": result.version, "checkpoint_hash": result.digest,
-                          "uri": str(result.checkpoint_dir.resolve()), "step": result.step,
-                          "parent_version": self.trainer.versions[-2] if len(self.trainer.versions) > 1 else None,
-                          "metrics": {k: float(v) for k, v in result.metrics.items()}}
+            catalog = self.s.catalog
+            records: list[tuple[str, dict[str, Any], str]] = []
+            if step is not None:
+                records.append((catalog.models_topic, self._model_event(step), self.config.model))
+                records += [(catalog.rollouts, e, e["request_id"]) for e in self._rollout_events(step)]
             if self.producer.transactional:
                 async with self.producer.raw.transaction():
-                    if record is not None:
-                        await self.producer.send(self.s.catalog.models_topic, record, key=self.config.model)
+                    for topic, record, key in records:
+                        await self.producer.send(topic, record, key=key)
                     if positions:
                         await self.producer.raw.send_offsets_to_transaction(positions, self.group)
             else:
-                if record is not None:
-                    await self.producer.send_and_wait(self.s.catalog.models_topic, record, key=self.config.model)
+                for topic, record, key in records:
+                    await self.producer.send_and_wait(topic, record, key=key)
                 if positions:
                     await self.consumer.commit(positions)
             self.tracker.mark_committed(positions)
 
+    async def may_train(self) -> bool:
+        """Whether an iteration may start now: learning yields to serving (a bounded wait)."""
+        if self.pressure is not None:
+            await self.pressure.wait_for_quiet()
+        return True
+
     async def train_when_ready(self) -> None:
-        self.trainer.score_expired()
-        while self.trainer.ready():
-            if self.pressure is not None:
-                await self.pressure.wait_for_quiet()  # learning yields to serving (bounded)
+        self.buffer.expire(time.monotonic())
+        if not self.prompts_primed.is_set():
+            return  # the first iteration samples prompts from the stream's tail, not from nothing
+        while self.trainer.ready(time.monotonic()) and await self.may_train():
             started = time.monotonic()
-            result = await asyncio.to_thread(self.trainer.step)
+            step = await asyncio.to_thread(self.trainer.iterate, started)
             self.steps_published += 1
             TRAINER_STEPS.inc()
-            if "score_mean" in result.metrics:
-                TRAINER_REWARD.set(result.metrics["score_mean"])
-            log.info("PPO step %d (%s) in %.1fs: %s", result.step, result.version, time.monotonic() - started,
-                     {k: round(v, 4) for k, v in result.metrics.items() if k in ("score_mean", "kl_mean",
-                                                                                   "policy_loss", "value_loss")})
-            await self._publish(result)
+            TRAINER_REWARD.set(step.metrics["score_mean"])
+            log.info("PPO step %d (%s) in %.1fs: %s", step.step, step.version, time.monotonic() - started,
+                     {k: round(v, 4) for k, v in step.metrics.items()
+                      if k in ("score_mean", "kl_mean", "policy_loss", "value_loss", "approx_kl", "generated")})
+            await self._publish(step)
         await self._publish(None)
+
+    # ------------------------------------------------------------------ prompts
+
+    async def _follow_prompts(self) -> None:
+        """Feed the prompt pool from the request stream (the tail at start, then live)."""
+        catalog = self.s.catalog
+        reader = EventConsumer(self.s.kafka, self.s.serde, [], group_id=None, auto_offset_reset="latest")
+        await reader.start()
+        try:
+            while True:
+                try:
+                    parts = (await partitions_of(self.s.kafka, [catalog.requests]))[catalog.requests]
+                    break
+                except KeyError:  # no request stream yet: train without live prompts meanwhile
+                    self.prompts_primed.set()
+                    await asyncio.sleep(5)
+            tps = [TopicPartition(catalog.requests, p) for p in parts]
+            reader.raw.assign(tps)
+            ends = await reader.raw.end_offsets(tps)
+            starts = await reader.raw.beginning_offsets(tps)
+            for tp in tps:
+                reader.raw.seek(tp, max(starts[tp], ends[tp] - self.config.prompt_tail))
+            async for batch in reader.batches(timeout_ms=500):
+                for item in batch:
+                    request = item.event
+                    if request is None:
+                        continue
+                    self.trainer.add_prompt(request["request_id"], request["tenant_id"], request["user_id"],
+                                            prompt_text(request))
+                if not self.prompts_primed.is_set():
+                    caught_up = [await reader.raw.position(tp) >= ends[tp] for tp in tps]
+                    if all(caught_up):
+                        self.prompts_primed.set()
+                if self.stop.is_set():
+                    return
+        finally:
+            await reader.stop()
+
+    # ------------------------------------------------------------------ main loop
 
     async def run(self) -> None:
         if self.pressure is not None:
@@ -223,17 +290,23 @@ class TrainerService:
 
         self.consumer.raw.subscribe(self.topics, listener=Listener())
         await self.consumer.start()
-        last_score = time.monotonic()
+        prompts = asyncio.create_task(self._follow_prompts(), name="prompts")
+        last_tick = time.monotonic()
         try:
             batches = self.consumer.batches(timeout_ms=500, max_records=200)
             while not self.stop.is_set():
+                if prompts.done():
+                    prompts.result()  # a failed prompt reader fails the service (the supervisor restarts it)
                 batch = await anext(batches)
                 if batch:
                     await self._ingest(batch)
-                if batch or time.monotonic() - last_score > self.config.score_every_s:
+                if batch or time.monotonic() - last_tick > self.config.tick_s:
                     await self.train_when_ready()
-                    last_score = time.monotonic()
+                    last_tick = time.monotonic()
         finally:
+            prompts.cancel()
+            with contextlib.suppress(BaseException):
+                await prompts
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
             await self.producer.stop()

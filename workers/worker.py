@@ -248,7 +248,10 @@ class InferenceWorker:
             "request_id": request["request_id"], "model": self.config.model, "model_version": final.model_version,
             "prompt": prompt_text(request), "response": final.text,
             "prompt_token_ids": list(final.prompt_token_ids), "response_token_ids": list(final.output_token_ids),
-            "token_logprobs": list(final.output_logprobs), "source": "live"}
+            "token_logprobs": list(final.output_logprobs), "source": "live",
+            # How it was sampled and by what: the trainer's off-policy rules need both.
+            "adapter_version": final.adapter_version or None,
+            "temperature": float(request["sampling"]["temperature"]), "top_p": float(request["sampling"]["top_p"])}
 
     async def _commit(self, finals: list[tuple[FinalEvent, _InFlight]]) -> None:
         """Produce finals (and rollouts, and rerouted decisions) and commit offsets: atomically where

@@ -51,6 +51,9 @@ class CoMiGSConfig:
     """False: no communication at all (the local baseline)."""
     bf16_autocast: bool = False
     """Run training steps under CPU bf16 autocast (AMX/AVX512-BF16 matmuls); evaluation stays fp32."""
+    validation_steps_without_router: bool = False
+    """Baselines matched to CoMiGS in passes and data: a client with no router spends each router
+    phase on expert updates on its *validation* split instead (same passes, same data seen)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +101,8 @@ class Client:
         expert_params = [p for layer in self.layers for p in layer.experts.parameters()]
         self.router_params = [p for layer in self.layers for p in layer.router_parameters()]
         total = cfg.rounds * cfg.local_steps
+        if cfg.validation_steps_without_router and not self.router_params:
+            total += cfg.rounds * (cfg.local_steps // cfg.router_every) * cfg.router_steps
         self.expert_opt = torch.optim.AdamW(expert_params, lr=cfg.expert_lr)
         self.expert_sched = torch.optim.lr_scheduler.LambdaLR(
             self.expert_opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
@@ -107,6 +112,10 @@ class Client:
         self.router_updates = 0
         self.forward_backward = 0
         """Forward+backward passes run (experts and router), for the compute report."""
+
+    def n_parameters(self) -> int:
+        """Trainable parameters of this user's mixture (experts and routers)."""
+        return sum(p.numel() for layer in self.layers for p in layer.parameters())
 
     # ------------------------------------------------------------------ training
 
@@ -127,10 +136,10 @@ class Client:
         if self.router_opt is not None:
             self.router_opt.zero_grad(set_to_none=True)
 
-    def expert_step(self) -> float:
+    def expert_step(self, split: Split | None = None) -> float:
         """One lower-level update: experts (and, in the ablation, the router) on a train batch."""
         self._zero()
-        loss = self._loss(*self._batch(self.data.train))
+        loss = self._loss(*self._batch(self.data.train if split is None else split))
         loss.backward()
         self.expert_opt.step()
         self.expert_sched.step()
@@ -154,12 +163,18 @@ class Client:
     def local_round(self) -> float:
         """``local_steps`` expert updates with router phases interleaved; returns mean train loss."""
         losses = []
+        matched = self.router_opt is None and self.cfg.validation_steps_without_router
         for _ in range(self.cfg.local_steps):
             losses.append(self.expert_step())
             bilevel = self.router_opt is not None and not self.cfg.router_on_train
-            if bilevel and self.steps % self.cfg.router_every == 0:
+            phase = self.steps % self.cfg.router_every == 0
+            if bilevel and phase:
                 for _ in range(self.cfg.router_steps):
                     self.router_step()
+            elif matched and phase:  # the baseline's share of the router passes, on the same data
+                for _ in range(self.cfg.router_steps):
+                    self.expert_step(self.data.val)
+                    self.steps -= 1  # router-phase passes do not advance the phase counter
         return sum(losses) / len(losses)
 
     # ------------------------------------------------------------------ communication

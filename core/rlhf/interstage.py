@@ -19,6 +19,11 @@ Policy (``fused=True``):
 With ``fused=False`` (the baseline) nothing migrates and inference starts only after the last
 sample finished: generation -> barrier -> inference.
 
+Samples may also join already finished (``finished=...``): the live trainer scores its training
+batch (rollouts that workers served earlier) in the same phase as it generates new samples, so
+a freed instance takes those first-come in the same finish order. ``rt`` counts only the
+samples that generate here.
+
 Invariant: each sample is in exactly one place at a time (generating on one instance, waiting,
 being scored on one instance, or scored), and each instance is either generating, scoring one
 micro-batch, or free.
@@ -85,20 +90,28 @@ class StagePlan:
 class InterStageScheduler:
     """Which samples migrate where and which instance scores which finished samples."""
 
-    def __init__(self, assignment: Mapping[int, int], n_instances: int, cfg: InterStageConfig) -> None:
-        """``assignment`` maps every sample id to the instance that starts generating it."""
-        if not assignment:
+    def __init__(
+        self, assignment: Mapping[int, int], n_instances: int, cfg: InterStageConfig, finished: Iterable[int] = ()
+    ) -> None:
+        """``assignment`` maps every sample id to generate to the instance that starts it;
+        ``finished`` are samples that need inference only (already generated elsewhere)."""
+        ready = list(finished)
+        if not assignment and not ready:
             raise ValueError("the batch is empty")
         bad = sorted({i for i in assignment.values() if not 0 <= i < n_instances})
         if bad:
             raise ValueError(f"instances {bad} outside 0..{n_instances - 1}")
+        overlap = sorted(set(ready) & set(assignment))
+        if overlap or len(set(ready)) != len(ready):
+            raise ValueError(f"samples {overlap or ready} are listed twice")
         self.cfg = cfg
         self.n_instances = n_instances
-        self.batch_size = len(assignment)
+        self.generating_total = len(assignment)
+        self.batch_size = len(assignment) + len(ready)
         self.live: list[set[int]] = [set() for _ in range(n_instances)]
         for sample, instance in assignment.items():
             self.live[instance].add(sample)
-        self.waiting: list[int] = []
+        self.waiting: list[int] = list(ready)
         """Finished, unscored, unassigned samples in finish order."""
         self.scoring: dict[int, tuple[int, ...]] = {}
         """Instance -> the micro-batch it is scoring."""
@@ -137,7 +150,7 @@ class InterStageScheduler:
     def _plan_migration(self) -> tuple[Migration, ...]:
         cfg = self.cfg
         unfinished = self.unfinished
-        if not cfg.fused or self.migrated or unfinished == 0 or unfinished > cfg.rt * self.batch_size:
+        if not cfg.fused or self.migrated or unfinished == 0 or unfinished > cfg.rt * self.generating_total:
             return ()
         self.migrated = True
         generating = [i for i in range(self.n_instances) if self.live[i]]

@@ -17,6 +17,9 @@ On a local cluster (``flywheel kafka start --brokers 3``) one more: ``leader_kil
 broker that leads the feedback partition (and, with it, its share of the requests partitions) in
 the middle of the stream, times how long until a request sent right after the kill is answered
 and its feedback acknowledged (``resume_s``), then restarts the broker.
+
+The learners' faults (the trainer killed mid-iteration, the personaliser killed mid-update) need
+their own processes and checks: ``flywheel.chaos.learners`` (``LEARNER_FAULTS``, re-exported here).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 from agents.router import ROUTER_CONFIG, journal_name
 from agents.router_feedback import load_state, prompt_key
 from core.routing.state import RouterFeedback, RouterState
+from flywheel.chaos.learners import LEARNER_FAULTS, LearnerResult, run_learner_faults
 from flywheel.client import FlywheelClient
 from flywheel.supervisor import ChildSpec, Supervisor
 from infra.connect import Services, connect
@@ -324,3 +328,6 @@ async def run_faults(settings: Settings, faults: tuple[str, ...] = FAULTS, runs:
     finally:
         await system.stop()
     return results
+
+
+__all__ = ["FAULTS", "LEARNER_FAULTS", "LearnerResult", "RunResult", "run_faults", "run_learner_faults"]

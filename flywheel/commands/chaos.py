@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--soak-minutes", type=float, default=10.0)
     parser.add_argument("--rates", default="0.1,0.25,0.5,1,2,4", help="requests/s of the load ramp")
     parser.add_argument("--quick", action="store_true", help="1 run per fault, 1,000 fuzz cases, no load or soak")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: faults,fuzz,load,soak")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: faults,learners,fuzz,load,soak")
     parser.add_argument("--faults", default="", help="comma-separated faults to run (default: every fault this "
                                                      "broker can take; leader_kill needs --brokers 3)")
     parser.add_argument("--engine", default="auto", choices=["auto", "torch", "echo"],
@@ -56,6 +56,18 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                                                        for r in results if r.fault == f]}
                                 if any(r.resume_s is not None for r in results if r.fault == f) else {})}
                          for f in faults}
+    if "learners" not in skip:  # the trainer killed mid-iteration, the personaliser mid-update
+        from flywheel.chaos.faults import LEARNER_FAULTS, run_learner_faults
+
+        learned = await run_learner_faults(
+            settings.model_copy(update={"topic_prefix": f"learn{uuid.uuid4().hex[:6]}."}), LEARNER_FAULTS, args.runs)
+        out["learner_faults"] = {f: {"runs": sum(r.fault == f for r in learned),
+                                     "lost": sum(r.lost for r in learned if r.fault == f),
+                                     "duplicated": sum(r.duplicated for r in learned if r.fault == f),
+                                     "half_written": sum(r.half_written for r in learned if r.fault == f),
+                                     "killed_mid_work": sum(r.killed_mid_work for r in learned if r.fault == f),
+                                     "notes": [n for r in learned if r.fault == f for n in r.notes]}
+                                 for f in LEARNER_FAULTS}
     if "fuzz" not in skip:
         fuzz = await asyncio.to_thread(fuzz_all, args.fuzz_cases)
         out["fuzz"] = {"cases": fuzz["cases"], "crashes": fuzz["crashes"]}
@@ -83,4 +95,6 @@ def run(args: argparse.Namespace) -> int:
         result = run_async(_run(args))
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     faults_ok = all(v["lost"] == 0 and v["duplicated"] == 0 for v in result.get("faults", {}).values())
+    faults_ok = faults_ok and all(v["lost"] == 0 and v["duplicated"] == 0 and v["half_written"] == 0
+                                  for v in result.get("learner_faults", {}).values())
     return 0 if faults_ok and result.get("fuzz", {}).get("crashes", 0) == 0 else 1

@@ -1,4 +1,4 @@
-"""``flywheel trainer``: the RLHF trainer consumer (PPO on the served SmolLM2 policy)."""
+"""``flywheel trainer``: the live RLHF trainer (fused PPO on the served SmolLM2 policy)."""
 
 from __future__ import annotations
 
@@ -8,36 +8,49 @@ from infra.settings import get_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per rank (default: FLYWHEEL_TRAINER_THREADS_PER_RANK)")
 
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    import torch
-
+    from core.rlhf.buffer import OffPolicyConfig
     from infra.connect import connect
     from infra.metrics import start_metrics
     from infra.runtime import run_async, setup_logging
     from streams.tracing import setup_tracing
-    from workers.trainer.models import build_smollm2_models
-    from workers.trainer.trainer import Trainer, TrainerConfig
+    from workers.trainer.live import LiveConfig, LiveTrainer
     from workers.trainer_service import TrainerService, TrainerServiceConfig
 
     settings = get_settings()
     setup_logging(settings.log_level)
     setup_tracing("flywheel-trainer", settings.otlp_endpoint, sample_ratio=settings.trace_sample_ratio)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start_metrics(settings.metrics_port, "trainer", settings.metrics_host)
     if settings.trainer_model != "smollm2-135m":
         raise SystemExit(f"the trainer trains smollm2-135m; {settings.trainer_model!r} is not supported")
-    models, _ = build_smollm2_models()
     batch = settings.trainer_batch_size
-    trainer = Trainer(models, TrainerConfig(store_root=settings.artifacts_dir.resolve() / "checkpoints",
-                                            batch_size=batch, minibatch_size=batch // 2 if batch % 2 == 0 else batch,
-                                            reward_timeout_s=settings.trainer_reward_timeout_s))
+    config = LiveConfig(
+        store_root=settings.artifacts_dir.resolve() / "checkpoints",
+        model=settings.trainer_model,
+        ranks=settings.trainer_ranks,
+        threads_per_rank=args.threads or settings.trainer_threads_per_rank,
+        batch_size=batch,
+        microbatches=min(settings.trainer_microbatches, batch),
+        generate=settings.trainer_generate,
+        max_new_tokens=settings.trainer_max_new_tokens,
+        fused=settings.trainer_fused,
+        rt=settings.trainer_rt,
+        actor_lr=settings.trainer_actor_lr,
+        critic_lr=settings.trainer_critic_lr,
+        min_interval_s=settings.trainer_min_interval_s,
+        off_policy=OffPolicyConfig(max_staleness=settings.trainer_max_staleness,
+                                   adapter_rollouts=settings.trainer_adapter_rollouts,
+                                   sampled_only=settings.trainer_sampled_only,
+                                   reward_timeout_s=settings.trainer_reward_timeout_s),
+    )
+    trainer = LiveTrainer.start(config)  # the ranks load the model and the fused schedule is planned
 
     async def main() -> None:
         services = await connect(settings, "flywheel-trainer")
@@ -50,5 +63,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             await services.close()
 
-    run_async(main())
+    try:
+        run_async(main())
+    finally:
+        trainer.close()
     return 0

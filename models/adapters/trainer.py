@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from core.artifacts import store_directory
 from core.personalization import PreferencePair, SftTarget
+from models.adapters.pin import write_pin
 from models.adapters.trunk import ChatEncoder, EncodedPair, TrunkScorer
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ class AdapterTrainer:
         self.encoder = ChatEncoder(tokenizer, config.max_prompt_tokens, config.max_response_tokens)
         self.scorer = TrunkScorer(self.peft, config.last_layers, config.trunk_cache_size)
         self._ref: OrderedDict[tuple[int, ...], float] = OrderedDict()
+        self.base_version = "base"
+        """Version of the base weights adapters are trained on (``set_base``); pinned in each adapter."""
         self._loaded: str | None = None
         """Path of the adapter now in the working slot ("" for the fresh init, None: unknown)."""
 
@@ -187,6 +190,7 @@ class AdapterTrainer:
         with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
             save_file(state, str(Path(tmp) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             (Path(tmp) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+            write_pin(Path(tmp), self.config.base_model_name, self.base_version)
             digest, path = store_directory(Path(tmp), self.store_root)
         self._loaded = str(path)
         return digest, path
@@ -194,7 +198,8 @@ class AdapterTrainer:
     # --- caches ----------------------------------------------------------------------------------
     def _cache_meta(self) -> dict[str, Any]:
         c = self.config
-        return {"base_model": c.base_model_name, "split": self.scorer.split, "max_prompt": c.max_prompt_tokens,
+        return {"base_model": c.base_model_name, "base_version": self.base_version, "split": self.scorer.split,
+                "max_prompt": c.max_prompt_tokens,
                 "max_response": c.max_response_tokens, "length_normalize": c.length_normalize,
                 "hidden": self._hidden}
 
@@ -340,25 +345,63 @@ class AdapterTrainer:
     def _loss(self, pairs: Sequence[tuple[EncodedPair, EncodedPair]], pair_w: Sequence[float],
               sft: Sequence[EncodedPair], sft_w: Sequence[float], ref: dict[tuple[int, ...], float],
               ) -> tuple[torch.Tensor, float | None]:
-        c = self.config
         seqs = [s for pair in pairs for s in pair] + list(sft)
-        scores = self._policy(seqs)
-        loss = scores.new_zeros(())
-        accuracy = None
-        if pairs:
-            pol = scores[: 2 * len(pairs)].view(-1, 2)
-            ref_t = torch.tensor([[ref[a.ids], ref[b.ids]] for a, b in pairs], dtype=pol.dtype)
-            logits = c.beta * ((pol[:, 0] - ref_t[:, 0]) - (pol[:, 1] - ref_t[:, 1]))
-            w = torch.tensor(pair_w, dtype=pol.dtype)
-            loss = loss + (w * -F.logsigmoid(logits)).sum() / w.sum()
-            accuracy = float((pol[:, 0] > pol[:, 1]).float().mean())
-        if sft:
-            w = torch.tensor(sft_w, dtype=scores.dtype)
-            nll = -scores[2 * len(pairs):]
-            if not c.length_normalize:
-                nll = nll / torch.tensor([s.n_response for s in sft], dtype=scores.dtype)
-            loss = loss + c.sft_weight * (w * nll).sum() / w.sum()
-        return loss, accuracy
+        return preference_loss(self._policy(seqs), pairs, pair_w, sft, sft_w, ref, self.config)
+
+    # --- the base model's version ------------------------------------------------------------------
+    def set_base(self, version: str, checkpoint_dir: Path | None) -> None:
+        """Train and score on base ``version`` from now on (a published trainer checkpoint; None:
+        the original weights are kept). Cached trunk states and reference scores are dropped."""
+        self.base_version = rebase_model(self.peft, checkpoint_dir, version, self.base_version)
+        self.scorer.clear()
+        self._ref.clear()
+
+
+def preference_loss(scores: torch.Tensor, pairs: Sequence[tuple[EncodedPair, EncodedPair]],
+                    pair_w: Sequence[float], sft: Sequence[EncodedPair], sft_w: Sequence[float],
+                    ref: dict[tuple[int, ...], float], c: AdapterConfig) -> tuple[torch.Tensor, float | None]:
+    """DPO on ``pairs`` plus ``sft_weight`` x SFT on ``sft``, from policy ``scores`` of the pairs'
+    sequences (chosen, rejected, ...) followed by the SFT sequences; returns (loss, pair accuracy)."""
+    loss = scores.new_zeros(())
+    accuracy = None
+    if pairs:
+        pol = scores[: 2 * len(pairs)].view(-1, 2)
+        ref_t = torch.tensor([[ref[a.ids], ref[b.ids]] for a, b in pairs], dtype=pol.dtype)
+        logits = c.beta * ((pol[:, 0] - ref_t[:, 0]) - (pol[:, 1] - ref_t[:, 1]))
+        w = torch.tensor(pair_w, dtype=pol.dtype)
+        loss = loss + (w * -F.logsigmoid(logits)).sum() / w.sum()
+        accuracy = float((pol[:, 0] > pol[:, 1]).float().mean())
+    if sft:
+        w = torch.tensor(sft_w, dtype=scores.dtype)
+        nll = -scores[2 * len(pairs):]
+        if not c.length_normalize:
+            nll = nll / torch.tensor([s.n_response for s in sft], dtype=scores.dtype)
+        loss = loss + c.sft_weight * (w * nll).sum() / w.sum()
+    return loss, accuracy
+
+
+@torch.no_grad()
+def rebase_model(model: Any, checkpoint_dir: Path | None, version: str, current: str) -> str:
+    """Load a published trainer checkpoint (merged weights in base-model names) into the frozen
+    base of ``model`` (plain or peft-wrapped); returns the version now in place."""
+    if checkpoint_dir is None or version == current:
+        return current if checkpoint_dir is None else version
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(checkpoint_dir) / "model.safetensors"))
+    params = model.state_dict(keep_vars=True)
+    names = {}
+    for name in weights:
+        stem = name[: -len(".weight")] if name.endswith(".weight") else name
+        for candidate in (name, f"base_model.model.{name}", f"base_model.model.{stem}.base_layer.weight"):
+            if candidate in params and params[candidate].shape == weights[name].shape:
+                names[name] = candidate
+                break
+        else:
+            raise ValueError(f"checkpoint {checkpoint_dir} tensor {name} has no place in this model")
+    for name, target in names.items():
+        params[target].copy_(weights[name].to(params[target].dtype))
+    return version
 
 
 def _cycler(n: int, rng: random.Random) -> Iterator[int]:

@@ -150,6 +150,10 @@ class TrunkScorer:
             self._trunk.popitem(last=False)
         return out
 
+    def clear(self) -> None:
+        """Forget every cached trunk state (the frozen layers changed: a new base version)."""
+        self._trunk.clear()
+
     def export_states(self) -> dict[tuple[int, ...], torch.Tensor]:
         return dict(self._trunk)
 

@@ -106,6 +106,11 @@ class Engine(ABC):
     def load_checkpoint(self, version: str, path: str) -> None:
         """Copy a (partial) checkpoint's tensors into the live base weights."""
 
+    def adapter_servable(self, adapter_hash: str) -> bool:
+        """May this loaded adapter serve on the weights loaded now (``core.personalization.pinning``)?
+        Engines that do not track adapters' base versions serve them only on the original weights."""
+        return self.model_version == "base"
+
     @property
     @abstractmethod
     def model_version(self) -> str:

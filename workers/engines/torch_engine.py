@@ -37,6 +37,9 @@ from typing import Any, Protocol
 import torch
 
 from core.errors import ValidationError
+from core.personalization.pinning import servable
+from models.adapters.mixture import MixtureSet, is_mixture
+from models.adapters.pin import read_pin
 from workers.engines.attention import use_gqa_sdpa
 from workers.engines.base import BASE_ADAPTER, Engine, EngineRequest, TokenOutput
 from workers.engines.kv_cache import RowKVCache, build_mask
@@ -95,6 +98,10 @@ class TorchEngine(Engine):
         self._cache_geometry = (cache_margin, cache_headroom)
         self._cache = self._new_cache()
         self._adapters: dict[str, str] = {}
+        self._adapter_bases: dict[str, str] = {}
+        """Adapter hash -> the base version it was trained on (``flywheel.json``; pinning)."""
+        self._mixtures: MixtureSet | None = None
+        """Per-user CoMiGS mixtures (adapters whose directory holds ``mixture.json``)."""
         self._version = "base"
         self.tokens_generated = 0
 
@@ -143,6 +150,9 @@ class TorchEngine(Engine):
         adapter = request.adapter
         if adapter not in (None, BASE_ADAPTER) and adapter not in self._adapters:
             raise ValidationError(f"adapter {adapter} is not loaded")
+        if adapter not in (None, BASE_ADAPTER) and not self.adapter_servable(adapter):
+            raise ValidationError(f"adapter {adapter} was trained on base {self._adapter_bases[adapter]}, "
+                                  f"this engine serves {self._version}")
         gen = None
         if request.sampling.temperature > 0:
             gen = torch.Generator(device="cpu")
@@ -216,9 +226,15 @@ class TorchEngine(Engine):
         self._rows.append(rid)
 
     def _adapter_names(self, rids: Sequence[str]) -> dict[str, Any]:
-        if not self._adapters:
+        """peft's per-row adapters; selects each row's mixture (if any) for the coming forward."""
+        adapters = [self._seqs[r].req.adapter for r in rids]
+        mixtures = self._mixtures
+        if mixtures is not None:
+            mixtures.select([a if a in mixtures.mixtures else None for a in adapters])
+        peft = [a for a in self._adapters if mixtures is None or a not in mixtures.mixtures]
+        if not peft:
             return {}
-        return {"adapter_names": [self._seqs[r].req.adapter or BASE_ADAPTER for r in rids]}
+        return {"adapter_names": [a if a in peft else BASE_ADAPTER for a in adapters]}
 
     def _masks(self, row_len: list[int], width: int, q: int) -> tuple[Any, torch.Tensor]:
         mask, pos = build_mask(row_len, width, q, device=self.device)
@@ -294,6 +310,14 @@ class TorchEngine(Engine):
     def load_adapter(self, adapter_hash: str, path: str) -> None:
         if adapter_hash in self._adapters:
             return
+        if is_mixture(path):
+            if self._mixtures is None:
+                self._mixtures = MixtureSet(self.model)
+            self._mixtures.load(adapter_hash, path)
+            self._adapters[adapter_hash] = path
+            self._adapter_bases[adapter_hash] = read_pin(path)[1]
+            log.info("loaded mixture %s", adapter_hash[:12])
+            return
         from peft import PeftModel
 
         if isinstance(self.model, PeftModel):
@@ -302,6 +326,7 @@ class TorchEngine(Engine):
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=adapter_hash)
         self.model.eval()
         self._adapters[adapter_hash] = path
+        self._adapter_bases[adapter_hash] = read_pin(path)[1]
         log.info("loaded adapter %s", adapter_hash[:12])
 
     def unload_adapter(self, adapter_hash: str) -> None:
@@ -310,8 +335,19 @@ class TorchEngine(Engine):
         users = [r for r, s in self._seqs.items() if s.req.adapter == adapter_hash]
         if users:
             raise ValueError(f"adapter {adapter_hash[:12]} is used by in-flight requests {users}")
-        self.model.delete_adapter(adapter_hash)
+        if self._mixtures is not None and adapter_hash in self._mixtures.mixtures:
+            self._mixtures.remove(adapter_hash)
+        else:
+            self.model.delete_adapter(adapter_hash)
         del self._adapters[adapter_hash]
+        self._adapter_bases.pop(adapter_hash, None)
+
+    def adapter_base_version(self, adapter_hash: str) -> str | None:
+        return self._adapter_bases.get(adapter_hash)
+
+    def adapter_servable(self, adapter_hash: str) -> bool:
+        """Pinning: a loaded adapter serves only on the base version it was trained on."""
+        return servable(self._adapter_bases.get(adapter_hash), self._version)
 
     def load_checkpoint(self, version: str, path: str) -> None:
         from safetensors.torch import load_file

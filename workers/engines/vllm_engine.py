@@ -81,6 +81,8 @@ class VllmEngine(Engine):
         self._running: dict[str, tuple[int, int]] = {}  # id -> (tokens seen, chars seen)
         self._finished: dict[str, str] = {}
         self._loras: dict[str, Any] = {}
+        self._pins: dict[str, str] = {}
+        """Adapter hash -> the base version it was trained on (pinning)."""
         self._version = "base"
 
     @classmethod
@@ -147,11 +149,23 @@ class VllmEngine(Engine):
     def load_adapter(self, adapter_hash: str, path: str) -> None:
         from vllm.lora.request import LoRARequest
 
+        from models.adapters.mixture import is_mixture
+        from models.adapters.pin import read_pin
+
+        if is_mixture(path):  # the worker then serves this user with the base model (docs/TRAINING.md)
+            raise ValidationError(f"vLLM cannot serve the CoMiGS mixture {adapter_hash[:12]}; only LoRA adapters")
         if adapter_hash not in self._loras:
             self._loras[adapter_hash] = LoRARequest(adapter_hash, len(self._loras) + 1, path)
+            self._pins[adapter_hash] = read_pin(path)[1]
+
+    def adapter_servable(self, adapter_hash: str) -> bool:
+        from core.personalization.pinning import servable
+
+        return servable(self._pins.get(adapter_hash), self._version)
 
     def unload_adapter(self, adapter_hash: str) -> None:
         lora = self._loras.pop(adapter_hash, None)
+        self._pins.pop(adapter_hash, None)
         if lora is not None:
             self._engine.remove_lora(lora.lora_int_id)
 

@@ -14,36 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from core.rlhf.buffer import Rollout
 from core.rlhf.ppo import PPOConfig, gae, kl_penalized_rewards, token_logprobs, whiten
 from workers.trainer.models import PolicyModels, ValueModel, causal_lm_logits
 
-
-@dataclass(frozen=True)
-class Rollout:
-    """One served (or trainer-generated) response, as the trainer consumes it."""
-
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    response_token_ids: tuple[int, ...]
-    response_logprobs: tuple[float, ...]
-    """Behaviour-policy log-probs reported by the worker that generated the response."""
-    model_version: str
-    prompt: str = ""
-    response: str = ""
-    user_id: str = ""
-    created_at: float = 0.0
-    """Seconds on the trainer's clock when the rollout arrived (set by ``Trainer.add_rollout``)."""
-
-    def __post_init__(self) -> None:
-        if not self.prompt_token_ids:
-            raise ValueError(f"rollout {self.request_id!r} has an empty prompt")
-        if not self.response_token_ids:
-            raise ValueError(f"rollout {self.request_id!r} has an empty response")
-        if len(self.response_logprobs) != len(self.response_token_ids):
-            raise ValueError(
-                f"rollout {self.request_id!r}: {len(self.response_logprobs)} log-probs for "
-                f"{len(self.response_token_ids)} response tokens"
-            )
+__all__ = ["Experience", "PPOBatch", "Rollout", "collate", "make_experience"]
 
 
 @dataclass
@@ -159,43 +134,41 @@ class Experience:
 
 
 @torch.no_grad()
-def score_with_reward_model(reward: ValueModel, rollouts: Sequence[Rollout], pad_token_id: int) -> list[float]:
-    """Reward-model scores for rollouts that got no feedback in time (value at the last token)."""
-    batch = collate(rollouts, pad_token_id)
-    return [float(s) for s in reward.score(batch.input_ids, batch.lengths)]
-
-
-@torch.no_grad()
 def make_experience(
     models: PolicyModels,
     batch: PPOBatch,
     scores: Tensor,
     cfg: PPOConfig,
+    ref_logprobs: Tensor | None = None,
 ) -> Experience:
-    """Old/reference log-probs, values, KL-penalised rewards, GAE advantages and returns.
+    """Reference log-probs, values, KL-penalised rewards, GAE advantages and returns.
+
+    The "old" log-probs of the PPO ratio are the rollouts' *behaviour* log-probs (what the
+    serving policy version reported), not the current actor's: for a stale or adapter-served
+    rollout the clipped ratio ``pi_theta / pi_behaviour`` is then its importance weight. The KL
+    penalty is estimated from the same behaviour log-probs (k1 estimator on the sampled tokens),
+    so making experience needs no actor forward at all. ``ref_logprobs`` (B, R) may be passed
+    when already known (the fused runtime computes them while the generation tail runs).
 
     Advantages are *not* whitened here: under data parallelism the statistics must cover the
     global batch, so the caller reduces them and calls ``whiten_advantages``.
     """
-    was_training = models.actor.training, models.critic.training
-    models.actor.eval()
+    was_training = models.critic.training
     models.critic.eval()
-    old_logprobs = response_logprobs(models.actor, batch)
-    with models.reference_mode() as reference:
-        ref_logprobs = response_logprobs(reference, batch)
+    old_logprobs = batch.behaviour_logprobs
+    if ref_logprobs is None:
+        with models.reference_mode() as reference:
+            ref_logprobs = response_logprobs(reference, batch)
     values = response_values(models.critic, batch) * batch.response_mask
     rewards, kl = kl_penalized_rewards(
         scores, old_logprobs, ref_logprobs, batch.response_mask, cfg.kl_coef, score_clip=cfg.score_clip
     )
     advantages, returns = gae(rewards, values, batch.response_mask, cfg.gamma, cfg.lam)
-    models.actor.train(was_training[0])
-    models.critic.train(was_training[1])
-    mask = batch.response_mask
-    tokens = float(mask.sum())
+    models.critic.train(was_training)
+    tokens = float(batch.response_mask.sum())
     stats = {
         "score_mean": float(scores.mean()),
         "kl_mean": float(kl.sum() / tokens),
-        "behaviour_logprob_gap": float(((old_logprobs - batch.behaviour_logprobs).abs() * mask).sum() / tokens),
         "response_tokens": tokens,
     }
     return Experience(batch, old_logprobs, ref_logprobs, values, scores, advantages, returns, stats)

@@ -5,7 +5,12 @@ A checkpoint is a directory with
 - ``model.safetensors``: a full or *partial* state dict in the base HF model's own parameter
   names (``model.layers.29.mlp.down_proj.weight``). For a LoRA-trained actor only the touched
   modules are written, with the adapter merged: ``W + scaling * B @ A``;
-- ``checkpoint.json``: ``{"base_model": name, "version": str, "step": int}``.
+- ``checkpoint.json``: ``{"base_model": name, "version": str, "step": int}``;
+- ``trainer_state.safetensors`` (optional, ignored by the engine): the trainer's own trainable
+  tensors (the actor's LoRA or weights, the critic's trainable layers, named ``actor.*`` and
+  ``critic.*``), so a restarted trainer continues from exactly the published policy with the
+  original base as its KL reference (re-merging the published weights into the base would move
+  the reference).
 
 The engine copies those tensors into its live base weights, so a partial checkpoint must always
 be relative to the *base* weights (not to the previous checkpoint): merged weights are, because
@@ -28,6 +33,7 @@ from core.artifacts import store_directory
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
+STATE_FILE = "trainer_state.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -66,15 +72,46 @@ def export_actor_weights(actor: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def write_checkpoint(weights: dict[str, Tensor], meta: CheckpointMeta, store_root: Path) -> tuple[str, Path]:
+def trainable_state(actor: nn.Module, critic: nn.Module) -> dict[str, Tensor]:
+    """The tensors training changes, named ``actor.<param>`` / ``critic.<param>``."""
+    out: dict[str, Tensor] = {}
+    for prefix, module in (("actor", actor), ("critic", critic)):
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                out[f"{prefix}.{name}"] = p.detach().contiguous().clone()
+    return out
+
+
+@torch.no_grad()
+def load_trainable_state(actor: nn.Module, critic: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy ``trainable_state`` tensors back; refuses unknown names or shapes before copying any."""
+    params = {f"actor.{n}": p for n, p in actor.named_parameters()}
+    params.update({f"critic.{n}": p for n, p in critic.named_parameters()})
+    wrong = [n for n, t in state.items() if n not in params or params[n].shape != t.shape]
+    if wrong:
+        raise ValueError(f"trainer state does not fit these models: {wrong[:5]}")
+    for name, tensor in state.items():
+        params[name].copy_(tensor)
+
+
+def read_trainable_state(path: Path) -> dict[str, Tensor] | None:
+    file = path / STATE_FILE
+    return load_file(str(file)) if file.exists() else None
+
+
+def write_checkpoint(
+    weights: dict[str, Tensor], meta: CheckpointMeta, store_root: Path, state: dict[str, Tensor] | None = None
+) -> tuple[str, Path]:
     """Write the checkpoint into a temporary directory and store it content-addressed.
 
     Returns ``(sha256, stored directory)``; writing the same weights and meta twice yields the
-    same name.
+    same name. ``state`` (``trainable_state``) is stored alongside for resuming.
     """
     with tempfile.TemporaryDirectory(prefix=".ckpt-", dir=_ensure(store_root)) as tmp:
         work = Path(tmp)
         save_file(weights, str(work / WEIGHTS_FILE))
+        if state is not None:
+            save_file(state, str(work / STATE_FILE))
         (work / META_FILE).write_text(
             json.dumps({"base_model": meta.base_model, "version": meta.version, "step": meta.step}, sort_keys=True)
         )
@@ -111,3 +148,23 @@ def apply_checkpoint(model: nn.Module, path: Path) -> CheckpointMeta:
     for name, tensor in weights.items():
         params[name].copy_(tensor)
     return meta
+
+
+@torch.no_grad()
+def load_merged_weights(actor: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Load published engine weights (base-model names) into a possibly peft-wrapped actor.
+
+    For checkpoints without a trainer state: a LoRA actor's merged weights (W + BA) go into the
+    wrapped layers' ``base_layer`` while the LoRA keeps its values, so the actor equals the
+    published policy only if the LoRA is zero, and the KL reference moves with the base.
+    """
+    params = actor.state_dict(keep_vars=True)
+    for name, tensor in weights.items():
+        stem = name[: -len(".weight")] if name.endswith(".weight") else name
+        for candidate in (name, f"{_PEFT_PREFIX}{name}", f"{_PEFT_PREFIX}{stem}.base_layer.weight"):
+            if candidate in params and params[candidate].shape == tensor.shape:
+                params[candidate].copy_(tensor)
+                break
+        else:
+            raise KeyError(f"checkpoint tensor {name} has no place in the actor")
+

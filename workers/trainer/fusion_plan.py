@@ -13,10 +13,9 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
-from transformers import LlamaForCausalLM
 
 from core.rlhf.anneal import AnnealConfig, anneal_schedule
 from core.rlhf.interstage import InterStageConfig, StageCosts, choose_rt
@@ -26,7 +25,9 @@ from core.rlhf.pipeline import (
     sequential_schedule,
     simulate,
 )
-from workers.trainer.fusion import FusionWorkload, partition_minibatches
+from workers.trainer.workload import FusionWorkload, partition_minibatches
+
+__all__ = ["StageTimes", "build_problem", "plan_schedules", "profile_models", "profile_stage_times"]
 
 
 def mean_microbatch_shape(w: FusionWorkload, lengths: Sequence[int]) -> tuple[int, int]:
@@ -49,16 +50,22 @@ class StageTimes:
 
 
 def _profile_stages(stages: Sequence[torch.nn.Module], ids: torch.Tensor, repeats: int) -> tuple[list[float], ...]:
+    """Median forward/backward seconds per stage; a frozen stage (no backward work) has backward 0."""
+    from workers.trainer.pipeline import backward_flags
+
+    flags = backward_flags(stages)
     fwd: list[list[float]] = [[] for _ in stages]
     bwd: list[list[float]] = [[] for _ in stages]
     for _ in range(repeats + 1):  # the first round warms up kernels and the allocator
         x = ids
         for s, stage in enumerate(stages):
-            inp = x if s == 0 else x.detach().requires_grad_(True)
+            inp = x if s == 0 else x.detach().requires_grad_(s > 0 and flags[s - 1])
             t0 = time.perf_counter()
-            out = stage(inp)
+            with torch.set_grad_enabled(flags[s]):
+                out = stage(inp)
             t1 = time.perf_counter()
-            out.float().square().mean().backward()
+            if flags[s]:
+                out.float().square().mean().backward()
             t2 = time.perf_counter()
             fwd[s].append(t1 - t0)
             bwd[s].append(t2 - t1)
@@ -66,22 +73,40 @@ def _profile_stages(stages: Sequence[torch.nn.Module], ids: torch.Tensor, repeat
     return tuple([statistics.median(v[1:]) for v in times] for times in (fwd, bwd))
 
 
-def profile_stage_times(workload: FusionWorkload, lengths: Sequence[int], repeats: int = 5) -> StageTimes:
-    """Median forward/backward seconds per stage of actor and critic on a mean-cost micro-batch (1 thread)."""
-    from workers.trainer.models import build_tiny_models, tiny_llama_config
+def profile_models(
+    models: Any,
+    n_stages: int,
+    rows: int,
+    length: int,
+    vocab_size: int,
+    *,
+    actor_cuts: Sequence[int] | None = None,
+    critic_cuts: Sequence[int] | None = None,
+    repeats: int = 5,
+) -> StageTimes:
+    """Median forward/backward seconds per pipeline stage of actor and critic on one micro-batch."""
+    from workers.trainer.models import decoder_and_head
     from workers.trainer.pipeline import make_stages
 
-    torch.set_num_threads(1)
-    models = build_tiny_models(tiny_llama_config(**workload.model), seed=workload.seed)
-    rows, length = mean_microbatch_shape(workload, lengths)
-    ids = torch.randint(3, workload.model["vocab_size"], (rows, length))
-    actor = cast(LlamaForCausalLM, models.actor)
-    af, ab = _profile_stages(make_stages(actor.model, actor.lm_head, 2), ids, repeats)
-    cf, cb = _profile_stages(make_stages(models.critic.backbone, models.critic.value_head, 2), ids, repeats)
+    ids = torch.randint(3, vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
+    decoder, head = decoder_and_head(models.actor)
+    af, ab = _profile_stages(make_stages(decoder, head, n_stages, actor_cuts), ids, repeats)
+    critic = models.critic
+    cf, cb = _profile_stages(make_stages(critic.backbone, critic.value_head, n_stages, critic_cuts), ids, repeats)
+    for model in (models.actor, critic):
+        model.zero_grad(set_to_none=True)
     return StageTimes(tuple(af), tuple(ab), tuple(cf), tuple(cb))
 
 
-def build_problem(workload: FusionWorkload, times: StageTimes, unit_s: float = 1e-4) -> PipelineProblem:
+def profile_stage_times(workload: FusionWorkload, lengths: Sequence[int], repeats: int = 5) -> StageTimes:
+    """The benchmark's stage times: tiny models, a mean-cost micro-batch, 1 thread."""
+    torch.set_num_threads(1)
+    models = workload.spec().build()
+    rows, length = mean_microbatch_shape(workload, lengths)
+    return profile_models(models, 2, rows, length, workload.model["vocab_size"], repeats=repeats)
+
+
+def build_problem(n_microbatches: int, times: StageTimes, unit_s: float = 1e-4) -> PipelineProblem:
     """Actor (stage s on node s) and critic (stage s on node n-1-s), integer times in ``unit_s`` units.
 
     Memory limit per node: the sum of both models' 1F1B peaks, i.e. fused training may hold as
@@ -89,10 +114,10 @@ def build_problem(workload: FusionWorkload, times: StageTimes, unit_s: float = 1
     """
 
     def ticks(values: Sequence[float]) -> tuple[int, ...]:
-        return tuple(max(1, math.ceil(t / unit_s)) for t in values)
+        return tuple(0 if t <= 0 else max(1, math.ceil(t / unit_s)) for t in values)
 
     n = len(times.actor_forward)
-    m = workload.n_microbatches
+    m = n_microbatches
     actor = PipelineModel(
         "actor", m, ticks(times.actor_forward), ticks(times.actor_backward), tuple(range(n)), (1.0,) * n
     )
@@ -147,16 +172,16 @@ class LinearCost:
 def profile_generation_costs(workload: FusionWorkload, steps: int = 12) -> tuple[LinearCost, LinearCost]:
     """(decode step seconds vs batch size, inference micro-batch seconds vs tokens), 1 thread."""
     from workers.trainer.batch import Rollout, collate, gather_positions
-    from workers.trainer.generation import DecodeBatch
-    from workers.trainer.models import build_tiny_models, causal_lm_logits, tiny_llama_config
+    from workers.trainer.generation import DecodeBatch, sample_generators
+    from workers.trainer.models import causal_lm_logits
 
     torch.set_num_threads(1)
-    models = build_tiny_models(tiny_llama_config(**workload.model), seed=workload.seed)
+    models = workload.spec().build()
     gen = torch.Generator().manual_seed(0)
     batches, step_s = [], []
     for b in (1, 4, 8, 16):
-        prompts = torch.randint(3, workload.model["vocab_size"], (b, workload.prompt_len), generator=gen)
-        decode = DecodeBatch(models.actor, list(range(b)), prompts, [steps + 40] * b, gen)
+        prompts = torch.randint(3, workload.model["vocab_size"], (b, workload.prompt_len), generator=gen).tolist()
+        decode = DecodeBatch(models.actor, list(range(b)), prompts, [steps + 40] * b, sample_generators(0, range(b)))
         for _ in range(3):
             decode.step()  # warm up
         t0 = time.perf_counter()
@@ -192,7 +217,7 @@ def simulated_rt_sweep(
     batches: int = 8,
 ) -> tuple[float, dict[float, float]]:
     """RLHFuse's offline Rt choice: simulate the policy over batches drawn from the length law."""
-    from workers.trainer.fusion import sample_lengths
+    from workers.trainer.workload import sample_lengths
 
     samples = [sample_lengths(FusionWorkload(**{**vars(workload), "seed": workload.seed + k})) for k in range(batches)]
     costs = StageCosts(decode_step=decode, inference=lambda n, t: inference(t))

@@ -1,41 +1,59 @@
-"""A worker process standing in for one GPU instance in a fused (or unfused) PPO iteration.
+"""A rank of the fused PPO runtime: one process standing in for one GPU instance.
 
-Each worker holds full copies of the four tiny models (for generation and inference) and, for
-training, one pipeline stage of the actor and one of the critic (worker r: actor stage r, critic
-stage ``n-1-r``: the two pipelines run in opposite directions). It is pinned to one CPU core with
-one torch thread, and obeys commands from the controller (``workers.trainer.fusion``) over a pipe:
+Each rank holds full copies of the PPO models (``ModelSpec``: tiny Llamas for tests and the
+benchmark, SmolLM2 + LoRA live) for generation and inference, and, for pipeline training, one
+stage of the actor and one of the critic (rank r: actor stage r, critic stage ``n-1-r``: the two
+pipelines run in opposite directions). It obeys the controller (``workers.trainer.fusion``) over
+a pipe:
 
-``generate`` (start a decode batch), ``migrate_out``/``migrate_in`` (move live samples and their
-KV caches to/from another worker over torch.distributed), ``score`` (reference log-probs, critic
-values and reward for finished samples), ``train`` (PPO mini-batches through a pipeline schedule,
-then weight re-sync), ``reset`` and ``stop``. While it has live samples it decodes, checking the
-pipe between steps. It counts the seconds it spends computing; everything else is idle time.
+- ``generate`` starts a decode batch (forced lengths, or end-of-sequence tokens and a maximum);
+  while samples are live the rank decodes, checking the pipe between steps;
+- ``migrate_out``/``migrate_in`` move live samples with their KV caches and samplers to another
+  rank over torch.distributed;
+- ``score`` runs reference log-probs, critic values (and, in the benchmark, the reward network)
+  for finished samples;
+- ``train`` runs PPO mini-batches through a pipeline schedule (stage-local optimisers, global
+  gradient-norm clipping), then re-syncs the trained tensors; ``train_dp`` is the data-parallel
+  baseline (every rank trains the full models on its share, gradients sum-all-reduced);
+- ``export`` (rank 0) stores a checkpoint; ``load`` resumes from one; ``reset``, ``digest``, ``stop``.
+
+A rank counts the seconds it spends computing; everything else is idle time.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, cast
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-from transformers import LlamaForCausalLM
+from torch import Tensor, nn
 
 from core.rlhf.pipeline import Slot
 from core.rlhf.ppo import PPOConfig, policy_loss, token_logprobs, value_loss
 from workers.trainer.batch import Rollout, collate, gather_positions
-from workers.trainer.generation import DecodeBatch, MigrationPayload
-from workers.trainer.models import PolicyModels, build_tiny_models, causal_lm_logits, tiny_llama_config
-from workers.trainer.pipeline import ExecutionTrace, StageBinding, make_stages, run_schedule
+from workers.trainer.checkpoint import (
+    CheckpointMeta,
+    export_actor_weights,
+    load_merged_weights,
+    load_trainable_state,
+    read_checkpoint,
+    read_trainable_state,
+    trainable_state,
+    write_checkpoint,
+)
+from workers.trainer.distributed import Collective
+from workers.trainer.generation import DecodeBatch, MigrationPayload, sample_generators
+from workers.trainer.models import ModelSpec, PolicyModels, causal_lm_logits, decoder_and_head
+from workers.trainer.pipeline import ExecutionTrace, StageBinding, backward_flags, make_stages, run_schedule
 
 
 @dataclass(frozen=True)
@@ -45,9 +63,21 @@ class TrainSample:
     prompt: tuple[int, ...]
     response: tuple[int, ...]
     old_logprobs: tuple[float, ...]
+    """Behaviour log-probs: the PPO ratio's denominator (importance weight for stale samples)."""
     advantages: tuple[float, ...]
     returns: tuple[float, ...]
     old_values: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """What one sample needs from the inference stage."""
+
+    prompt: tuple[int, ...]
+    response: tuple[int, ...]
+    ref: bool = True
+    values: bool = True
+    reward: bool = False
 
 
 class BusyClock:
@@ -89,40 +119,75 @@ def _pad(rows: list[tuple[float, ...]], width: int) -> Tensor:
     return out
 
 
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a rank needs; passed through ``torch.multiprocessing``."""
+
+    world: int
+    init_method: str
+    """Rendezvous of the ranks' gloo process group (``file://...`` or ``tcp://...``)."""
+    conns: list[Connection]
+    """Rank ends of the controller pipes, indexed by rank."""
+    models: ModelSpec
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-4
+    max_grad_norm: float | None = 1.0
+    optimizer: str = "adamw"
+    """``adamw``, or ``sgd`` (tests: the update is then proportional to the gradient)."""
+    actor_cuts: tuple[int, ...] | None = None
+    """First layer of actor stages 1..n-1 (None: balanced by layer count)."""
+    critic_cuts: tuple[int, ...] | None = None
+    threads: int = 1
+    pin: bool = False
+    """Pin rank r to the r-th allowed CPU (one core per simulated GPU instance)."""
+
+
 class FusionWorker:
-    def __init__(
-        self,
-        rank: int,
-        world: int,
-        conn: Connection,
-        *,
-        model_kwargs: dict[str, Any],
-        ppo: PPOConfig,
-        lr: float,
-        seed: int,
-    ) -> None:
-        self.rank, self.world, self.conn = rank, world, conn
-        self.ppo, self.lr = ppo, lr
-        self.models: PolicyModels = build_tiny_models(tiny_llama_config(**model_kwargs), seed=seed)
+    def __init__(self, rank: int, conn: Connection, spec: WorkerSpec) -> None:
+        self.rank, self.world, self.conn, self.spec = rank, spec.world, conn, spec
+        self.ppo = spec.ppo
+        self.collective = Collective(dist.group.WORLD)
+        self.models: PolicyModels = spec.models.build()
         for m in (self.models.actor, self.models.critic):
             m.eval()
-        self.initial = {
-            "actor": copy.deepcopy(self.models.actor.state_dict()),
-            "critic": copy.deepcopy(self.models.critic.state_dict()),
-        }
-        actor = cast(LlamaForCausalLM, self.models.actor)
-        self.hidden_size = int(actor.config.hidden_size)
-        self.actor_stages = make_stages(actor.model, actor.lm_head, world)
-        self.critic_stages = make_stages(self.models.critic.backbone, self.models.critic.value_head, world)
+        # Every rank starts from rank 0's trainable tensors (frozen ones come from the same recipe).
+        for p in [*_trainable(self.models.actor), *_trainable(self.models.critic)]:
+            dist.broadcast(p.data, src=0)
+        decoder, head = decoder_and_head(self.models.actor)
+        self.hidden_size = int(decoder.config.hidden_size)
+        self.actor_stages = make_stages(decoder, head, self.world, spec.actor_cuts)
+        self.critic_stages = make_stages(
+            self.models.critic.backbone, self.models.critic.value_head, self.world, spec.critic_cuts
+        )
+        self.actor_backward = backward_flags(self.actor_stages)
+        self.critic_backward = backward_flags(self.critic_stages)
         self.actor_stage = rank
-        self.critic_stage = world - 1 - rank
+        self.critic_stage = self.world - 1 - rank
+        self.initial = trainable_state(self.models.actor, self.models.critic)
         self.batch: DecodeBatch | None = None
         self.clock = BusyClock()
         self._reset_optimizers()
 
+    # ------------------------------------------------------------------ optimisers
+
+    def _optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer | None:
+        if not params:
+            return None
+        if self.spec.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr)
+        return torch.optim.AdamW(params, lr=lr)
+
     def _reset_optimizers(self) -> None:
-        self.actor_opt = torch.optim.AdamW(self.actor_stages[self.actor_stage].parameters(), lr=self.lr)
-        self.critic_opt = torch.optim.AdamW(self.critic_stages[self.critic_stage].parameters(), lr=self.lr)
+        s = self.spec
+        self.actor_opt = self._optimizer(_trainable(self.actor_stages[self.actor_stage]), s.actor_lr)
+        self.critic_opt = self._optimizer(_trainable(self.critic_stages[self.critic_stage]), s.critic_lr)
+        self.dp_actor_opt = self._optimizer(_trainable(self.models.actor), s.actor_lr)
+        self.dp_critic_opt = self._optimizer(_trainable(self.models.critic), s.critic_lr)
 
     # ------------------------------------------------------------------ loop
 
@@ -148,39 +213,58 @@ class FusionWorker:
         if kind == "stop":
             return False
         if kind == "reset":
-            self.models.actor.load_state_dict(self.initial["actor"])
-            self.models.critic.load_state_dict(self.initial["critic"])
+            load_trainable_state(self.models.actor, self.models.critic, self.initial)
             self._reset_optimizers()
             self.batch, self.clock = None, BusyClock()
             self.conn.send(("ok", self.rank))
         elif kind == "generate":
-            _, ids, prompts, targets, seed = cmd
+            _, items, seed, eos_ids = cmd
             with self.clock.track("generate"):
-                gen = torch.Generator().manual_seed(seed)
-                self.batch = DecodeBatch(self.models.actor, ids, prompts, targets, gen)
+                ids = [sid for sid, _, _ in items]
+                self.batch = DecodeBatch(
+                    self.models.actor,
+                    ids,
+                    [prompt for _, prompt, _ in items],
+                    [target for _, _, target in items],
+                    sample_generators(seed, ids),
+                    eos_ids=None if eos_ids is None else frozenset(eos_ids),
+                    pad_token_id=self.models.pad_token_id,
+                )
             self._report_finished(sorted(self.batch.finished))
         elif kind == "migrate_out":
             with self.clock.track("migrate"):
                 payload = self.batch.extract() if self.batch is not None else None
                 dist.send_object_list([payload], dst=cmd[1])
-            self.conn.send(("migrated", self.rank, [] if payload is None else payload.sample_ids))
         elif kind == "migrate_in":
             received: list[MigrationPayload | None] = [None]
             dist.recv_object_list(received, src=cmd[1])
             payload = received[0]
             with self.clock.track("migrate"):
                 if payload is not None and payload.sample_ids:
-                    if self.batch is None:
-                        gen = torch.Generator().manual_seed(cmd[2])
-                        empty = torch.zeros(0, 1, dtype=torch.long)
-                        self.batch = DecodeBatch(self.models.actor, [], empty, [], gen)
+                    if self.batch is None or not len(self.batch):
+                        self.batch = DecodeBatch(self.models.actor, [], [], [], [], eos_ids=cmd[2],
+                                                 pad_token_id=self.models.pad_token_id)
                     self.batch.absorb(payload)
         elif kind == "score":
-            self.conn.send(("scored", self.rank, *self.score(cmd[1], cmd[2])))
+            self.conn.send(("scored", self.rank, cmd[1], self.score(cmd[2])))
         elif kind == "train":
             self.conn.send(("trained", self.rank, self.train(*cmd[1:])))
+        elif kind == "train_dp":
+            self.conn.send(("trained", self.rank, self.train_dp(*cmd[1:])))
+        elif kind == "export":
+            self.conn.send(("exported", self.rank, *self.export(Path(cmd[1]), cmd[2])))
+        elif kind == "load":
+            self.load(Path(cmd[1]))
+            self.conn.send(("ok", self.rank))
         elif kind == "digest":
             self.conn.send(("digest", self.rank, self.digest()))
+        elif kind == "profile":
+            from workers.trainer.fusion_plan import profile_models
+
+            rows, length, vocab = cmd[1:]
+            times = profile_models(self.models, self.world, rows, length, vocab, actor_cuts=self.spec.actor_cuts,
+                                   critic_cuts=self.spec.critic_cuts, repeats=3)
+            self.conn.send(("profiled", self.rank, times))
         else:
             raise ValueError(f"unknown command {kind!r}")
         return True
@@ -188,48 +272,38 @@ class FusionWorker:
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def score(self, ids: list[int], samples: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple[Any, ...]:
-        """Reference log-probs, critic values and reward of finished samples (one micro-batch)."""
-        rollouts = [Rollout(str(i), p, r, (0.0,) * len(r), "") for i, (p, r) in zip(ids, samples, strict=True)]
-        assert self.models.reference is not None and self.models.reward is not None
+    def score(self, requests: list[ScoreRequest]) -> list[dict[str, Any]]:
+        """Reference log-probs, critic values and (benchmark) reward of finished samples."""
+        out: list[dict[str, Any]] = [{} for _ in requests]
+        models = self.models
         with self.clock.track("score"):
-            batch = collate(rollouts, self.models.pad_token_id)
-            ref = token_logprobs(
-                gather_positions(causal_lm_logits(self.models.reference, batch.input_ids), batch.response_positions),
-                batch.response_tokens,
-            )
-            values = gather_positions(self.models.critic(batch.input_ids), batch.response_positions)
-            rewards = self.models.reward.score(batch.input_ids, batch.lengths)
-        lengths = [len(r) for _, r in samples]
-        return (
-            ids,
-            [ref[i, :n].tolist() for i, n in enumerate(lengths)],
-            [values[i, :n].tolist() for i, n in enumerate(lengths)],
-            rewards.tolist(),
-        )
+            for key in ("ref", "values", "reward"):
+                rows = [i for i, r in enumerate(requests) if getattr(r, key)]
+                if not rows:
+                    continue
+                rollouts = [
+                    Rollout(str(i), requests[i].prompt, requests[i].response, (0.0,) * len(requests[i].response), "")
+                    for i in rows
+                ]
+                batch = collate(rollouts, models.pad_token_id)
+                if key == "ref":
+                    with models.reference_mode() as reference:
+                        logits = causal_lm_logits(reference, batch.input_ids)
+                    values = token_logprobs(gather_positions(logits, batch.response_positions), batch.response_tokens)
+                elif key == "values":
+                    values = gather_positions(models.critic(batch.input_ids), batch.response_positions)
+                else:
+                    if models.reward is None:
+                        raise ValueError("a reward was requested but these models have no reward network")
+                    scores = models.reward.score(batch.input_ids, batch.lengths).tolist()
+                    for row, i in enumerate(rows):
+                        out[i]["reward"] = float(scores[row])
+                    continue
+                for row, i in enumerate(rows):
+                    out[i][key] = values[row, : len(requests[i].response)].tolist()
+        return out
 
     # ------------------------------------------------------------------ training
-
-    def train(
-        self, samples: dict[int, TrainSample], minibatches: list[list[list[int]]], orders: list[list[Slot]]
-    ) -> dict[str, float]:
-        """PPO over ``minibatches`` (each a list of micro-batches of sample ids), one flush each."""
-        trace = ExecutionTrace()
-        wall = time.perf_counter()
-        for flush, (micro, order) in enumerate(zip(minibatches, orders, strict=True)):
-            prepared = [self._microbatch(samples, ids) for ids in micro]
-            tokens = float(sum(p["mask"].sum() for p in prepared))
-            bindings = {0: self._binding(0, prepared, tokens), 1: self._binding(1, prepared, tokens)}
-            self.actor_opt.zero_grad(set_to_none=True)
-            self.critic_opt.zero_grad(set_to_none=True)
-            run_schedule(order, bindings, flush=flush, trace=trace)
-            with self.clock.track("optimizer"):
-                self.actor_opt.step()
-                self.critic_opt.step()
-        self.clock.add("train", trace.busy_s, trace.busy_cpu_s)
-        with self.clock.track("sync"):
-            self._sync_weights()
-        return {**self.clock.summary(), "train_wall_s": time.perf_counter() - wall}
 
     def _microbatch(self, samples: dict[int, TrainSample], ids: list[int]) -> dict[str, Tensor]:
         chosen = [samples[i] for i in ids]
@@ -247,31 +321,36 @@ class FusionWorker:
             "old_values": _pad([s.old_values for s in chosen], width),
         }
 
-    def _binding(self, model: int, prepared: list[dict[str, Tensor]], tokens: float) -> StageBinding:
+    def _loss(self, model: int, out: Tensor, mb: dict[str, Tensor], tokens: float, stats: Tensor) -> Tensor:
+        """PPO loss share of one micro-batch; accumulates [policy, value, clipfrac, approx_kl, tokens]."""
+        cfg = self.ppo
+        n = float(mb["mask"].sum())
+        if model == 0:
+            logp = token_logprobs(gather_positions(out, mb["positions"]), mb["tokens"])
+            loss, info = policy_loss(
+                logp, mb["old_logprobs"], mb["advantages"], mb["mask"], cfg.clip_range, normalizer=tokens
+            )
+            stats[0] += float(loss.detach())
+            stats[2] += float(info["clipfrac"]) * n
+            stats[3] += float(info["approx_kl"]) * n
+            stats[4] += n
+        else:
+            values = gather_positions(out.squeeze(-1), mb["positions"])
+            loss, _ = value_loss(
+                values, mb["old_values"], mb["returns"], mb["mask"], cfg.clip_range_value, normalizer=tokens
+            )
+            stats[1] += float(loss.detach())
+        return loss
+
+    def _binding(self, model: int, prepared: list[dict[str, Tensor]], tokens: float, stats: Tensor) -> StageBinding:
         stages = self.actor_stages if model == 0 else self.critic_stages
+        flags = self.actor_backward if model == 0 else self.critic_backward
         s = self.actor_stage if model == 0 else self.critic_stage
         # Actor stage s lives on rank s; critic stage s on rank n-1-s.
         rank_of = (lambda st: st) if model == 0 else (lambda st: self.world - 1 - st)
-        cfg = self.ppo
 
         def loss_fn(out: Tensor, k: int) -> Tensor:
-            mb = prepared[k]
-            if model == 0:
-                logp = token_logprobs(gather_positions(out, mb["positions"]), mb["tokens"])
-                loss, _ = policy_loss(
-                    logp, mb["old_logprobs"], mb["advantages"], mb["mask"], cfg.clip_range, normalizer=tokens
-                )
-            else:
-                values = gather_positions(out.squeeze(-1), mb["positions"])
-                loss, _ = value_loss(
-                    values,
-                    mb["old_values"],
-                    mb["returns"],
-                    mb["mask"],
-                    cfg.clip_range_value,
-                    normalizer=tokens,
-                )
-            return loss
+            return self._loss(model, out, prepared[k], tokens, stats)
 
         return StageBinding(
             stage=stages[s],
@@ -282,55 +361,137 @@ class FusionWorker:
             inputs=[p["input_ids"] for p in prepared],
             hidden_size=self.hidden_size,
             loss_fn=loss_fn,
+            has_backward=flags[s],
+            needs_input_grad=s > 0 and flags[s - 1],
         )
 
-    def digest(self) -> str:
-        """SHA-256 of the actor's and critic's parameters (to check that workers agree)."""
-        h = hashlib.sha256()
-        for module in (self.models.actor, self.models.critic):
-            for p in module.parameters():
-                h.update(p.detach().numpy().tobytes())
-        return h.hexdigest()
+    def _clip_and_step(self, groups: list[tuple[list[nn.Parameter], torch.optim.Optimizer | None]], dp: bool) -> None:
+        """Clip each model's gradient to a *global* norm (summed over ranks unless ``dp``), then step."""
+        max_norm = self.spec.max_grad_norm
+        if max_norm is not None:
+            sq = torch.tensor(
+                [sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None) for params, _ in groups],
+                dtype=torch.float64,
+            )
+            if not dp:  # pipeline stages hold disjoint parameters: the norm sums over ranks
+                self.collective.all_reduce_sum(sq)
+            for (params, _), total in zip(groups, sq.tolist(), strict=True):
+                coef = max_norm / (total**0.5 + 1e-6)
+                if coef < 1.0:
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
+        for _, opt in groups:
+            if opt is not None:
+                opt.step()
+
+    def train(
+        self, samples: dict[int, TrainSample], minibatches: list[list[list[int]]], orders: list[list[Slot]]
+    ) -> dict[str, float]:
+        """PPO over ``minibatches`` (each a list of micro-batches of sample ids), one pipeline flush each."""
+        trace = ExecutionTrace()
+        wall = time.perf_counter()
+        stats = torch.zeros(5, dtype=torch.float64)
+        actor_params = _trainable(self.actor_stages[self.actor_stage])
+        critic_params = _trainable(self.critic_stages[self.critic_stage])
+        for flush, (micro, order) in enumerate(zip(minibatches, orders, strict=True)):
+            prepared = [self._microbatch(samples, ids) for ids in micro]
+            tokens = float(sum(p["mask"].sum() for p in prepared))
+            bindings = {0: self._binding(0, prepared, tokens, stats), 1: self._binding(1, prepared, tokens, stats)}
+            for opt in (self.actor_opt, self.critic_opt):
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+            run_schedule(order, bindings, flush=flush, trace=trace)
+            with self.clock.track("optimizer"):
+                self._clip_and_step([(actor_params, self.actor_opt), (critic_params, self.critic_opt)], dp=False)
+        self.clock.add("train", trace.busy_s, trace.busy_cpu_s)
+        with self.clock.track("sync"):
+            self._sync_weights()
+        return self._finish(wall, stats)
+
+    def train_dp(self, samples: dict[int, TrainSample], minibatches: list[list[list[int]]]) -> dict[str, float]:
+        """Data-parallel baseline: rank r trains the full models on micro-batches r, r+n, ... of
+        each mini-batch; gradients are sum-all-reduced (losses use the mini-batch's global token
+        count, so the sum is the single-process gradient)."""
+        wall = time.perf_counter()
+        stats = torch.zeros(5, dtype=torch.float64)
+        actor, critic = self.models.actor, self.models.critic
+        actor_params, critic_params = _trainable(actor), _trainable(critic)
+        for micro in minibatches:
+            prepared = [self._microbatch(samples, ids) for ids in micro]
+            tokens = float(sum(p["mask"].sum() for p in prepared))
+            for opt in (self.dp_actor_opt, self.dp_critic_opt):
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+            with self.clock.track("train"):
+                for k in range(self.rank, len(prepared), self.world):
+                    mb = prepared[k]
+                    self._loss(0, causal_lm_logits(actor, mb["input_ids"]), mb, tokens, stats).backward()
+                    self._loss(1, critic.value_head(critic.backbone(input_ids=mb["input_ids"]).last_hidden_state),
+                               mb, tokens, stats).backward()
+            with self.clock.track("allreduce"):
+                self.collective.sum_gradients(actor_params)
+                self.collective.sum_gradients(critic_params)
+            with self.clock.track("optimizer"):
+                self._clip_and_step([(actor_params, self.dp_actor_opt), (critic_params, self.dp_critic_opt)], dp=True)
+        return self._finish(wall, stats)
+
+    def _finish(self, wall: float, stats: Tensor) -> dict[str, float]:
+        """The iteration's report (busy seconds since the last one, loss sums); restarts the clock."""
+        out = {**self.clock.summary(), "train_wall_s": time.perf_counter() - wall,
+               "policy_loss_sum": float(stats[0]), "value_loss_sum": float(stats[1]),
+               "clipfrac_tokens": float(stats[2]), "approx_kl_tokens": float(stats[3]),
+               "policy_tokens": float(stats[4])}
+        self.clock = BusyClock()
+        return out
 
     @torch.no_grad()
     def _sync_weights(self) -> None:
-        """Every rank broadcasts the stages it trained, so all full copies match again."""
+        """Every rank broadcasts the trainable tensors of the stages it trained."""
         for s in range(self.world):
-            for p in self.actor_stages[s].parameters():
+            for p in _trainable(self.actor_stages[s]):
                 dist.broadcast(p.data, src=s)
-            for p in self.critic_stages[s].parameters():
+            for p in _trainable(self.critic_stages[s]):
                 dist.broadcast(p.data, src=self.world - 1 - s)
 
+    # ------------------------------------------------------------------ checkpoints
 
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker process needs; passed through ``torch.multiprocessing``."""
+    def export(self, store_root: Path, meta: CheckpointMeta) -> tuple[str, str]:
+        """Store the current policy (engine weights + trainer state); returns (digest, path)."""
+        weights = export_actor_weights(self.models.actor)
+        state = trainable_state(self.models.actor, self.models.critic)
+        digest, path = write_checkpoint(weights, meta, store_root, state)
+        return digest, str(path)
 
-    world: int
-    init_file: str
-    """``file://`` rendezvous for the workers' gloo process group."""
-    conns: list[Connection]
-    """Worker ends of the controller pipes, indexed by rank."""
-    model_kwargs: dict[str, Any]
-    ppo: PPOConfig
-    lr: float
-    seed: int
-    pin: bool
-    """Pin rank r to the r-th allowed CPU (one core per simulated GPU instance)."""
+    def load(self, path: Path) -> None:
+        """Resume from a published checkpoint (its trainer state; else its merged weights)."""
+        state = read_trainable_state(path)
+        if state is not None:
+            load_trainable_state(self.models.actor, self.models.critic, state)
+        else:
+            _, weights = read_checkpoint(path)
+            load_merged_weights(self.models.actor, weights)
+        self._reset_optimizers()
+
+    def digest(self) -> str:
+        """SHA-256 of the trainable tensors (to check that ranks agree)."""
+        h = hashlib.sha256()
+        for module in (self.models.actor, self.models.critic):
+            for p in _trainable(module):
+                h.update(p.detach().numpy().tobytes())
+        return h.hexdigest()
 
 
 def worker_main(rank: int, spec: WorkerSpec) -> None:
     """Process entry point (``torch.multiprocessing.start_processes``)."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(spec.threads)
     if spec.pin and hasattr(os, "sched_setaffinity"):
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[rank % len(cpus)]})
-    dist.init_process_group("gloo", init_method=f"file://{spec.init_file}", rank=rank, world_size=spec.world)
+    dist.init_process_group("gloo", init_method=spec.init_method, rank=rank, world_size=spec.world)
     conn = spec.conns[rank]
     try:
-        worker = FusionWorker(
-            rank, spec.world, conn, model_kwargs=spec.model_kwargs, ppo=spec.ppo, lr=spec.lr, seed=spec.seed
-        )
+        worker = FusionWorker(rank, conn, spec)
         conn.send(("ready", rank))
         worker.serve()
     finally:

@@ -2,8 +2,8 @@
 
 ``DecodeBatch`` is one generation instance's running batch, as in continuous batching: samples
 leave the batch the step they finish (so a long tail decodes at a small batch size), and
-``extract``/``absorb`` move live samples with their KV caches between instances (RLHFuse's
-migration; here the caches travel as tensors instead of over RDMA).
+``extract``/``absorb`` move live samples with their KV caches and their own samplers between
+instances (RLHFuse's migration; here the caches travel as tensors instead of over RDMA).
 
 Instances whose samples have generated different numbers of tokens hold caches of different
 lengths. A merged batch left-pads the shorter caches with zeros and masks them out; each sample
@@ -71,6 +71,8 @@ class MigrationPayload:
     tokens: list[list[int]]
     logprobs: list[list[float]]
     targets: list[int]
+    generator_states: list[Tensor]
+    """Each sample's own sampler state: it continues the same random stream wherever it decodes."""
 
 
 def _left_pad(t: Tensor, length: int, dim: int) -> Tensor:
@@ -82,40 +84,64 @@ def _left_pad(t: Tensor, length: int, dim: int) -> Tensor:
     return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
 
 
-class DecodeBatch:
-    """Batched sampling of equal-length prompts, each sample stopping at its own target length.
+def sample_generators(seed: int, sample_ids: Sequence[int]) -> list[torch.Generator]:
+    """One sampler per sample, seeded from (seed, sample id): a sample draws the same tokens
+    whichever instance decodes it and whatever else shares its batch (up to float noise in the
+    logits of different batch shapes)."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + int(s)) for s in sample_ids]
 
-    Targets force response lengths so that a benchmark's work is fixed in advance (the tokens
-    themselves are sampled); ``eos`` is not special here.
+
+class DecodeBatch:
+    """Batched sampling (temperature 1) of prompts of any length; each sample stops at its target
+    length or, when ``eos_ids`` is given, at the first end-of-sequence token (included).
+
+    Forced targets (no ``eos_ids``) fix a benchmark's work in advance (the tokens themselves are
+    sampled); the live trainer passes the model's end tokens and a maximum length. Prompts are
+    left-padded into one batch with a padding mask, each sample keeping its own position ids.
     """
 
     def __init__(
         self,
         model: nn.Module,
         sample_ids: Sequence[int],
-        prompts: Tensor,
+        prompts: Sequence[Sequence[int]],
         targets: Sequence[int],
-        generator: torch.Generator,
+        generators: Sequence[torch.Generator],
+        *,
+        eos_ids: frozenset[int] | None = None,
+        pad_token_id: int = 0,
     ) -> None:
-        if prompts.dim() != 2 or prompts.shape[0] != len(sample_ids) or len(targets) != len(sample_ids):
-            raise ValueError(f"prompts {tuple(prompts.shape)}, {len(sample_ids)} ids, {len(targets)} targets")
+        if not len(prompts) == len(sample_ids) == len(targets) == len(generators):
+            raise ValueError(
+                f"{len(sample_ids)} ids, {len(prompts)} prompts, {len(targets)} targets, {len(generators)} generators"
+            )
         if any(t < 1 for t in targets):
             raise ValueError(f"targets must be >= 1, got {list(targets)}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
         self.model = model
-        self.generator = generator
+        self.eos_ids = eos_ids
+        self.generators = list(generators)
         self.sample_ids = list(sample_ids)
         self.targets = list(targets)
         self.tokens: list[list[int]] = [[] for _ in sample_ids]
         self.logprobs: list[list[float]] = [[] for _ in sample_ids]
         self.finished: dict[int, tuple[list[int], list[float]]] = {}
         self.cache: DynamicCache | None = None
-        n, length = prompts.shape
-        self.attention_mask = torch.ones(n, length, dtype=torch.long)
-        self.positions = torch.full((n,), length, dtype=torch.long)
+        n = len(prompts)
+        width = max((len(p) for p in prompts), default=1)
+        self.attention_mask = torch.zeros(n, width, dtype=torch.long)
+        ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(list(prompt))
+            self.attention_mask[row, width - len(prompt) :] = 1
+        self.positions = self.attention_mask.sum(dim=1)
         self.next_tokens = torch.zeros(n, dtype=torch.long)
         if n:
+            position_ids = (self.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
             with torch.no_grad():
-                out = model(input_ids=prompts, use_cache=True)
+                out = model(input_ids=ids, attention_mask=self.attention_mask, position_ids=position_ids,
+                            use_cache=True)
             self.cache = out.past_key_values
             self._sample(out.logits[:, -1])
 
@@ -124,13 +150,19 @@ class DecodeBatch:
 
     def _sample(self, logits: Tensor) -> list[int]:
         logp = torch.log_softmax(logits.float(), dim=-1)
-        chosen = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
+        probs = logp.exp()
+        chosen = torch.stack(
+            [torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(self.generators)]
+        ).squeeze(1)
         picked = logp.gather(1, chosen.unsqueeze(1)).squeeze(1)
         self.next_tokens = chosen
+        done_rows = []
         for row, (tok, lp) in enumerate(zip(chosen.tolist(), picked.tolist(), strict=True)):
             self.tokens[row].append(int(tok))
             self.logprobs[row].append(float(lp))
-        done_rows = [row for row in range(len(self)) if len(self.tokens[row]) >= self.targets[row]]
+            ended = self.eos_ids is not None and int(tok) in self.eos_ids
+            if ended or len(self.tokens[row]) >= self.targets[row]:
+                done_rows.append(row)
         done = [self.sample_ids[row] for row in done_rows]
         for row in done_rows:
             self.finished[self.sample_ids[row]] = (self.tokens[row], self.logprobs[row])
@@ -144,6 +176,7 @@ class DecodeBatch:
         self.targets = [self.targets[r] for r in rows]
         self.tokens = [self.tokens[r] for r in rows]
         self.logprobs = [self.logprobs[r] for r in rows]
+        self.generators = [self.generators[r] for r in rows]
         self.attention_mask = self.attention_mask[idx]
         self.positions = self.positions[idx]
         self.next_tokens = self.next_tokens[idx]
@@ -187,6 +220,7 @@ class DecodeBatch:
             tokens=[list(self.tokens[r]) for r in rows],
             logprobs=[list(self.logprobs[r]) for r in rows],
             targets=[self.targets[r] for r in rows],
+            generator_states=[self.generators[r].get_state() for r in rows],
         )
         self._keep([r for r in range(len(self)) if r not in set(rows)])
         return payload
@@ -195,6 +229,11 @@ class DecodeBatch:
         """Add migrated samples; both sides' caches are left-padded to a common length."""
         if not payload.sample_ids:
             return
+        generators = []
+        for state in payload.generator_states:
+            g = torch.Generator()
+            g.set_state(state)
+            generators.append(g)
         if not len(self) or self.cache is None:
             self.attention_mask = payload.attention_mask
             self.positions = payload.positions
@@ -218,3 +257,4 @@ class DecodeBatch:
         self.targets += payload.targets
         self.tokens += payload.tokens
         self.logprobs += payload.logprobs
+        self.generators += generators

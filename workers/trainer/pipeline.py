@@ -11,6 +11,12 @@ A rank runs its node's ordered task list literally:
 - ``B``: the output gradient arrives from the next rank (or comes from the loss), backward runs,
   the input gradient goes to the previous rank.
 
+Frozen stages: a stage whose layers (and every earlier stage's) hold no trainable parameter has
+no backward work (the live actor trains a LoRA on its last layers only, so its first stage is a
+frozen trunk). Its forward runs without autograd, its ``B`` slot is an empty task, and the next
+stage neither asks for nor sends the input gradient. The schedule search sees such a ``B`` as a
+zero-time task.
+
 Message tags are unique per (flush, model, micro-batch, direction), so the interleaved traffic of
 two models between the same pair of ranks can never be mismatched. A schedule that passed
 ``core.rlhf.pipeline.validate`` cannot deadlock here: every blocking receive waits on a task the
@@ -20,6 +26,7 @@ caller steps the optimisers after it.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,10 +68,16 @@ class LlamaStage(nn.Module):
         return hidden
 
 
-def split_points(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
-    """Balanced ``[start, stop)`` layer ranges; earlier stages get the extra layers."""
+def split_points(n_layers: int, n_stages: int, cuts: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` layer ranges: at ``cuts`` (the first layer of stages 1..n-1), or balanced
+    by layer count with the extra layers on earlier stages."""
     if not 1 <= n_stages <= n_layers:
         raise ValueError(f"cannot split {n_layers} layers into {n_stages} stages")
+    if cuts is not None:
+        bounds = [0, *cuts, n_layers]
+        if len(cuts) != n_stages - 1 or any(a >= b for a, b in itertools.pairwise(bounds)):
+            raise ValueError(f"cuts {list(cuts)} do not split {n_layers} layers into {n_stages} non-empty stages")
+        return list(itertools.pairwise(bounds))
     base, extra = divmod(n_layers, n_stages)
     ranges, start = [], 0
     for s in range(n_stages):
@@ -74,9 +87,24 @@ def split_points(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def make_stages(backbone: LlamaModel, head: nn.Module, n_stages: int) -> list[LlamaStage]:
+def make_stages(
+    backbone: LlamaModel, head: nn.Module, n_stages: int, cuts: Sequence[int] | None = None
+) -> list[LlamaStage]:
     n_layers = len(backbone.layers)
-    return [LlamaStage(backbone, a, b, n_layers, head) for a, b in split_points(n_layers, n_stages)]
+    return [LlamaStage(backbone, a, b, n_layers, head) for a, b in split_points(n_layers, n_stages, cuts)]
+
+
+def trains(stage: nn.Module) -> bool:
+    return any(p.requires_grad for p in stage.parameters())
+
+
+def backward_flags(stages: Sequence[nn.Module]) -> list[bool]:
+    """Per stage: does it run backward (it, or a stage before it, holds trainable parameters)?"""
+    flags, seen = [], False
+    for stage in stages:
+        seen = seen or trains(stage)
+        flags.append(seen)
+    return flags
 
 
 @dataclass
@@ -93,6 +121,10 @@ class StageBinding:
     hidden_size: int
     loss_fn: Callable[[Tensor, int], Tensor]
     """Last stage only: (stage output, micro-batch index) -> scalar loss share."""
+    has_backward: bool = True
+    """False: this stage and every earlier one are frozen (``B`` is an empty task)."""
+    needs_input_grad: bool = True
+    """Does the previous stage want the gradient of this stage's input (it has backward work)?"""
 
 
 @dataclass
@@ -141,33 +173,38 @@ def run_schedule(
             else:
                 x = torch.empty(ids.shape[0], ids.shape[1], bind.hidden_size)
                 dist.recv(x, src=bind.prev_rank, tag=tags(slot.model, k, False))
-                x.requires_grad_(True)
+                x.requires_grad_(bind.needs_input_grad)
                 inp = x
             start, cpu = time.perf_counter(), time.thread_time()
-            out = bind.stage(inp)
+            with torch.set_grad_enabled(bind.has_backward):
+                out = bind.stage(inp)
             if bind.next_rank is None:
                 out = bind.loss_fn(out, k)
             else:
                 tag = tags(slot.model, k, False)
                 sent = out.detach().contiguous()
                 pending.append((dist.isend(sent, dst=bind.next_rank, tag=tag), sent))
-            saved[(slot.model, k)] = (x, out)
+            if bind.has_backward:
+                saved[(slot.model, k)] = (x, out)
             fwd_done[slot.model] += 1
         else:
-            x, out = saved.pop((slot.model, k))
-            if bind.next_rank is None:
+            if not bind.has_backward:  # a frozen trunk: nothing to differentiate, nothing to send
                 start, cpu = time.perf_counter(), time.thread_time()
-                out.backward()
             else:
-                grad = torch.empty_like(out)
-                dist.recv(grad, src=bind.next_rank, tag=tags(slot.model, k, True))
-                start, cpu = time.perf_counter(), time.thread_time()
-                out.backward(grad)
-            if bind.prev_rank is not None:
-                assert x is not None and x.grad is not None
-                tag = tags(slot.model, k, True)
-                sent = x.grad.contiguous()
-                pending.append((dist.isend(sent, dst=bind.prev_rank, tag=tag), sent))
+                x, out = saved.pop((slot.model, k))
+                if bind.next_rank is None:
+                    start, cpu = time.perf_counter(), time.thread_time()
+                    out.backward()
+                else:
+                    grad = torch.empty_like(out)
+                    dist.recv(grad, src=bind.next_rank, tag=tags(slot.model, k, True))
+                    start, cpu = time.perf_counter(), time.thread_time()
+                    out.backward(grad)
+                if bind.prev_rank is not None and bind.needs_input_grad:
+                    assert x is not None and x.grad is not None
+                    tag = tags(slot.model, k, True)
+                    sent = x.grad.contiguous()
+                    pending.append((dist.isend(sent, dst=bind.prev_rank, tag=tag), sent))
             bwd_done[slot.model] += 1
         end = time.perf_counter()
         if trace is not None:

@@ -13,6 +13,7 @@ import torch
 from core.artifacts import hash_directory
 from core.personalization import PreferencePair, SftTarget
 from models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, AdapterTrainer
+from models.adapters.pin import PIN_FILE, read_pin
 from tests.unit.personalization.tiny import ByteTokenizer, tiny_llama
 
 CFG = AdapterConfig(rank=4, alpha=8, last_layers=2, pairs_per_step=2, sft_per_step=1, beta=1.0,
@@ -91,7 +92,8 @@ def test_sft_raises_the_target_likelihood(tmp_path: Path) -> None:
 def test_adapter_directory_is_peft_format_and_hash_names_the_weights(tmp_path: Path) -> None:
     t = trainer(tmp_path)
     first = t.update("u1", PAIRS, [], None, lr=1e-2, steps=2, time_budget_s=60)
-    assert sorted(p.name for p in first.path.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    assert sorted(p.name for p in first.path.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS, PIN_FILE]
+    assert read_pin(first.path) == ("tiny-llama", "base")  # the base version it was trained on
     assert first.hash == hash_directory(first.path) == first.path.name
     config = json.loads((first.path / ADAPTER_CONFIG).read_text())
     assert config["base_model_name_or_path"] == "tiny-llama" and config["r"] == 4

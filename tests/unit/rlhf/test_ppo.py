@@ -98,6 +98,33 @@ def test_policy_loss_gradient_is_zero_where_clipped() -> None:
     assert logp.grad.tolist()[0] == pytest.approx([0.0, -0.45])
 
 
+def test_importance_corrected_policy_loss_matches_hand_computation() -> None:
+    """Off-policy PPO: the "old" log-probs are the behaviour log-probs carried by the rollouts.
+
+    Row 0 was served by an older version (behaviour log-probs log 0.2, log 0.5); the current
+    policy gives log 0.3, log 0.25, so the importance ratios are 1.5 and 0.5. Row 1 is
+    on-policy for its first token (ratio 1.0), its second token is right padding. Advantages
+    [2, -1] and [0.5, pad]; eps 0.2; the loss is divided by a global token count of 4 (a
+    data-parallel peer holds one more token):
+      r=1.5, A=2:    max(-3.0, -2.4) = -2.4   (clipped: the stale sample cannot pull further)
+      r=0.5, A=-1:   max(0.5, 0.8)   =  0.8   (clipped from below)
+      r=1.0, A=0.5:  max(-0.5, -0.5) = -0.5
+      loss = (-2.4 + 0.8 - 0.5) / 4 = -0.525; clipfrac 2/3 of the local tokens;
+      approx_kl = mean 0.5 * log(r)^2 = 0.5 * (log(1.5)^2 + log(0.5)^2 + 0) / 3.
+    """
+    behaviour = t([[math.log(0.2), math.log(0.5)], [math.log(0.4), 0.0]])
+    current = t([[math.log(0.3), math.log(0.25)], [math.log(0.4), 0.0]]).requires_grad_(True)
+    mask = t([[1, 1], [1, 0]])
+    loss, stats = policy_loss(current, behaviour, t([[2, -1], [0.5, 0]]), mask, 0.2, normalizer=4.0)
+    assert float(loss) == pytest.approx(-0.525)
+    assert float(stats["clipfrac"]) == pytest.approx(2 / 3)
+    assert float(stats["approx_kl"]) == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 3)
+    loss.backward()
+    assert current.grad is not None
+    # Clipped tokens carry no gradient; the on-policy token: d(-A r)/dlogp = -A r / 4 = -0.125.
+    assert current.grad.flatten().tolist() == pytest.approx([0.0, 0.0, -0.125, 0.0])
+
+
 def test_value_loss_matches_hand_computation() -> None:
     # token0: (2.0-1.5)^2 = 0.25 vs clip 1.0+0.2=1.2 -> (1.2-1.5)^2 = 0.09 -> 0.25
     # token1: (0.5-1.0)^2 = 0.25 vs clip 0.0+0.2=0.2 -> (0.2-1.0)^2 = 0.64 -> 0.64

@@ -87,7 +87,7 @@ def test_cavro_writes_and_reads_exactly_like_fastavro(name, logical_types):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), -0.0, 1e-45, 3.5e38, -3.5e38])
 def test_float32_specials_and_overflow_are_written_as_fastavro_writes_them(value):
     rollout = copy.deepcopy(CONTRACTS["Rollout"].schema)
-    record = {f["name"]: None for f in rollout["fields"]} | {
+    record = {f["name"]: f.get("default") for f in rollout["fields"]} | {
         "event_id": "e", "correlation_id": "c", "tenant_id": "t", "user_id": "u", "event_time": 1,
         "request_id": "r", "model": "m", "model_version": "v", "prompt": "p", "response": "q",
         "prompt_token_ids": [], "response_token_ids": [], "token_logprobs": [value], "source": "live"}

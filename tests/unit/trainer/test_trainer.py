@@ -1,16 +1,19 @@
-"""Trainer: event ingestion, reward fallback, a PPO step, checkpoints and learning signal."""
+"""Trainer: event ingestion, off-policy rules, a PPO step, checkpoints and learning signal."""
 
 from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from core.rlhf.buffer import OffPolicyConfig
+from core.rlhf.ppo import PPOConfig
 from tests.unit.trainer.factories import flat_params, make_rollouts
-from workers.trainer.batch import collate, response_logprobs
+from workers.trainer.batch import collate, make_experience, response_logprobs
 from workers.trainer.checkpoint import apply_checkpoint, read_checkpoint
 from workers.trainer.models import build_tiny_models
 from workers.trainer.trainer import Trainer, TrainerConfig
@@ -23,14 +26,10 @@ def _one_thread() -> None:
 
 def make_trainer(tmp_path: Path, **overrides: object) -> Trainer:
     models = build_tiny_models(seed=0)
-    cfg = TrainerConfig(
-        store_root=tmp_path / "store",
-        batch_size=4,
-        minibatch_size=2,
-        actor_lr=1e-3,
-        critic_lr=1e-3,
-        **overrides,  # type: ignore[arg-type]
-    )
+    fields: dict[str, object] = dict(store_root=tmp_path / "store", batch_size=4, minibatch_size=2,
+                                     actor_lr=1e-3, critic_lr=1e-3)
+    fields.update(overrides)
+    cfg = TrainerConfig(**fields)  # type: ignore[arg-type]
     return Trainer(models, cfg, clock=lambda: 0.0)
 
 
@@ -66,33 +65,70 @@ def test_reward_may_arrive_before_its_rollout(tmp_path: Path) -> None:
         trainer.add_reward(r.request_id, 0.5)
     for r in rollouts:
         trainer.add_rollout(r)
-    assert trainer.ready() and not trainer.pending
+    assert trainer.ready() and not trainer.buffer.pending
 
 
-def test_expired_rollouts_are_scored_by_the_reward_model(tmp_path: Path) -> None:
+def test_expired_rollouts_are_dropped_and_counted_never_scored(tmp_path: Path) -> None:
     now = [0.0]
     models = build_tiny_models(seed=0)
-    cfg = TrainerConfig(store_root=tmp_path, batch_size=4, minibatch_size=4, reward_timeout_s=10.0)
+    cfg = TrainerConfig(store_root=tmp_path, batch_size=2, minibatch_size=2,
+                        off_policy=OffPolicyConfig(reward_timeout_s=10.0))
     trainer = Trainer(models, cfg, clock=lambda: now[0])
     rollouts = make_rollouts(models, 4)
     for r in rollouts:
         trainer.add_rollout(r)
     trainer.add_reward(rollouts[0].request_id, 2.0)
     now[0] = 5.0
-    assert trainer.score_expired() == []
+    assert trainer.expire() == []
     now[0] = 10.0
-    scored = trainer.score_expired()
-    assert scored == [r.request_id for r in rollouts[1:]]
-    assert trainer.ready()
-    assert trainer.ready_queue[0][1] == 2.0
-    assert models.reward is not None
-    expected = models.reward.score(collate(rollouts[1:2], 0).input_ids, collate(rollouts[1:2], 0).lengths)
-    assert trainer.ready_queue[1][1] == pytest.approx(float(expected[0]))
-    assert trainer.step().metrics["model_scored"] == 3.0
+    assert trainer.expire() == [r.request_id for r in rollouts[1:]]
+    assert trainer.counters["expired_unrewarded"] == 3
+    assert not trainer.ready()  # one rewarded rollout; nothing was scored in place of a reward
+    trainer.add_reward(rollouts[1].request_id, 1.0)  # too late: its rollout is gone
+    assert not trainer.ready() and rollouts[1].request_id in trainer.buffer.early_rewards
+
+
+def test_experience_uses_the_behaviour_logprobs_as_old_logprobs(tmp_path: Path) -> None:
+    models = build_tiny_models(seed=0)
+    rollouts = make_rollouts(models, 2)
+    shifted = [replace(r, response_logprobs=tuple(x - 0.3 for x in r.response_logprobs)) for r in rollouts]
+    batch = collate(shifted, models.pad_token_id)
+    exp = make_experience(models, batch, torch.tensor([1.0, -1.0]), PPOConfig())
+    assert torch.equal(exp.old_logprobs, batch.behaviour_logprobs)
+    with torch.no_grad():
+        current = response_logprobs(models.actor, batch)
+    gap = ((current - exp.old_logprobs) * batch.response_mask).sum() / batch.response_mask.sum()
+    assert float(gap) == pytest.approx(0.3, abs=1e-4)  # the ratio sees how far behaviour and policy differ
+
+
+def test_adapter_served_rollouts_are_excluded_unless_corrected(tmp_path: Path) -> None:
+    served = replace(make_rollouts(build_tiny_models(seed=0), 1)[0], adapter_version="abc")
+    excluding = make_trainer(tmp_path)
+    assert not excluding.add_rollout(served)
+    assert excluding.counters["adapter_excluded"] == 1
+    correcting = make_trainer(tmp_path, off_policy=OffPolicyConfig(adapter_rollouts="correct"))
+    assert correcting.add_rollout(served)
+
+
+def test_rollouts_that_age_past_the_staleness_bound_while_waiting_are_dropped(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, batch_size=2, minibatch_size=2, off_policy=OffPolicyConfig(max_staleness=1))
+    old = make_rollouts(trainer.models, 2, version="base", prefix="old")
+    for r in old:
+        trainer.add_rollout(r)
+        trainer.add_reward(r.request_id, 1.0)
+    trainer.step()  # v1: base is one version old, still fresh
+    waiting = make_rollouts(trainer.models, 2, version="base", prefix="w")
+    for r in waiting:
+        assert trainer.add_rollout(r)
+    trainer.buffer.published("v2")  # now base is two versions old
+    for r in waiting:
+        trainer.add_reward(r.request_id, 1.0)
+    assert not trainer.ready()
+    assert trainer.counters["stale_dropped"] == 2
 
 
 def test_stale_and_duplicate_rollouts_are_dropped(tmp_path: Path) -> None:
-    trainer = make_trainer(tmp_path, max_staleness=0)
+    trainer = make_trainer(tmp_path, off_policy=OffPolicyConfig(max_staleness=0))
     fresh, stale = (
         make_rollouts(trainer.models, 2, version="base")[0],
         make_rollouts(trainer.models, 1, version="v0-old", prefix="s")[0],
@@ -120,7 +156,8 @@ def test_ppo_steps_move_probability_towards_rewarded_responses(tmp_path: Path) -
 
     before = p_even()
     for gen_seed in range(6):
-        rollouts = make_rollouts(models, 8, seed=gen_seed, prefix=f"g{gen_seed}-", prompt=prompt, max_new=3)
+        rollouts = make_rollouts(models, 8, seed=gen_seed, prefix=f"g{gen_seed}-", prompt=prompt, max_new=3,
+                                  version=trainer.version)
         for r in rollouts:
             trainer.add_rollout(r)
             trainer.add_reward(r.request_id, 1.0 if r.response_token_ids[0] % 2 == 0 else -1.0)
