@@ -130,14 +130,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--plot", type=Path, help="write the learning curves here (.svg)")
     parser.add_argument("--quick", action="store_true",
-                        help="CI smoke test: 40 requests, 4 users, window 20, seed 0, arms frozen and all")
+                        help="CI smoke test: 16 requests, 4 users, window 8, seed 0, arms frozen and all")
 
 
 def config_from_args(args: argparse.Namespace) -> LoopConfig:
     tasks = load_tasks(args.tasks)
     if args.quick:
-        return LoopConfig(tasks, requests=40, users=4, window=20, seeds=(0,), arms=("frozen", "all"),
-                          max_tokens=args.max_tokens)
+        return LoopConfig(tasks, requests=16, users=4, window=8, seeds=(0,), arms=("frozen", "all"),
+                          max_tokens=args.max_tokens, drain_s=5.0)
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     return LoopConfig(tasks, requests=args.requests, users=args.users, window=args.window,
                       seeds=tuple(args.seed or (0, 1, 2)), arms=arms, max_tokens=args.max_tokens)
