@@ -363,14 +363,24 @@ async def fetch_committed(config: KafkaConfig, group: str, partitions: set[Topic
     return {tp: (meta.offset, meta.metadata or "") for tp, meta in found.items() if meta.offset >= 0}
 
 
-async def partitions_of(config: KafkaConfig, topics: list[str]) -> dict[str, list[int]]:
-    """Partition ids of each topic (KeyError naming the topics that do not exist)."""
-    client = AIOKafkaClient(**config.client_kwargs())
-    try:
-        await client.bootstrap()
-        cluster = await client.fetch_all_metadata()
-    finally:
-        await client.close()
+async def partitions_of(config: KafkaConfig, topics: list[str], retry_s: float = 30.0) -> dict[str, list[int]]:
+    """Partition ids of each topic (KeyError naming the topics that do not exist).
+
+    A broker that was just restarted or resumed drops connections and answers metadata
+    requests with errors for a few seconds: that is retried for up to ``retry_s``."""
+    deadline = asyncio.get_running_loop().time() + retry_s
+    while True:
+        client = AIOKafkaClient(**config.client_kwargs())
+        try:
+            await client.bootstrap()
+            cluster = await client.fetch_all_metadata()
+            break
+        except KafkaError as exc:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise RetriableError(f"cannot read topic metadata from {config.bootstrap}: {exc}") from exc
+            await asyncio.sleep(0.5)
+        finally:
+            await client.close()
     out = {t: sorted(cluster.partitions_for_topic(t) or []) for t in topics}
     missing = [t for t, parts in out.items() if not parts]
     if missing:
