@@ -60,6 +60,15 @@ ROUTER_CONFIG: RouterConfig = LocalQualityConfig()
 ROUTER_NAME = algorithm_of(ROUTER_CONFIG)
 
 
+def router_config(algorithm: str) -> RouterConfig:
+    """The live router's configuration for ``FLYWHEEL_ROUTER_ALGORITHM``."""
+    if algorithm == "eagle":
+        return EagleConfig(neighbours=40)
+    if algorithm == "local_quality":
+        return ROUTER_CONFIG
+    raise ValueError(f"unknown router algorithm {algorithm!r}; known: local_quality, eagle")
+
+
 def journal_name(services: Services, config: RouterConfig = ROUTER_CONFIG) -> str:
     """The router's journal key: one per deployment (topic prefix) and algorithm, since offsets are
     per topic and each algorithm keeps its own state."""
@@ -103,9 +112,9 @@ class Liveness:
 
 
 class Router:
-    def __init__(self, services: Services, config: EagleConfig | None = None) -> None:
+    def __init__(self, services: Services, config: RouterConfig | None = None) -> None:
         self.services = services
-        self.config = config or ROUTER_CONFIG
+        self.config = config or router_config(services.settings.router_algorithm)
         self.models = tuple(services.catalog.models)
         self.limits = RequestLimits(services.settings.max_prompt_chars, services.settings.max_tokens_limit)
         self.liveness = Liveness()

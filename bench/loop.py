@@ -129,6 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--plot", type=Path, help="write the learning curves here (.svg)")
+    parser.add_argument("--partial", type=Path,
+                        help="after every arm run, write the summary of the runs so far here (JSON): a long run "
+                             "that is cut short still leaves its finished seeds")
     parser.add_argument("--quick", action="store_true",
                         help="CI smoke test: 16 requests, 4 users, window 8, seed 0, arms frozen and all")
 
@@ -444,13 +447,17 @@ def plot(result: dict[str, Any], path: Path, window: int) -> None:
                   f"Closed loop: mean user {metric} per window", metric, window, bands)
 
 
-async def _main(config: LoopConfig, settings: Settings) -> dict[str, Any]:
+async def _main(config: LoopConfig, settings: Settings, partial: Path | None = None) -> dict[str, Any]:
     run_id = uuid.uuid4().hex[:6]
     outcomes: dict[int, dict[str, ArmOutcome]] = {}
     for seed in config.seeds:
         outcomes[seed] = {}
         for arm in config.arms:
             outcomes[seed][arm] = await ArmRun(settings, config, arm, seed, run_id).run()
+            if partial is not None:
+                done = {s: arms for s, arms in outcomes.items() if len(arms) == len(config.arms)}
+                if done:  # only complete seeds: every lift compares arms of the same seeds
+                    partial.write_text(json.dumps(summarise(config, done)))
     return summarise(config, outcomes)
 
 
@@ -459,7 +466,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = config_from_args(args)
     settings = get_settings()
     with local_services(settings):
-        result = run_async(_main(config, settings))
+        result = run_async(_main(config, settings, args.partial))
     if args.plot:
         plot(result, args.plot, config.window)
         result["plot"] = str(args.plot)

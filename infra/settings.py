@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     gateway_max_body_bytes: int = Field(default=1_000_000, description="larger HTTP bodies get 413")
 
     # --- Router
+    router_algorithm: Literal["local_quality", "eagle"] = Field(
+        default="local_quality", description="the live ranking rule (docs/ROUTING.md): local quality with bounded "
+                                             "exploration, or Eagle's global + local ELO")
     router_learn: bool = Field(default=True, description="apply feedback to the ratings (false: ratings stay "
                                                           "at their initial values, as in the loop benchmark's "
                                                           "frozen arm)")

@@ -127,7 +127,9 @@ async def test_each_feedback_kind_over_http_reaches_router_personaliser_and_rewa
     assert out["model"] == GEMMA and out["model_version"] and out["request_id"] == gemma.id.removeprefix("chatcmpl-")
     applied.append(out["feedback_id"])
     after = await ratings_after(system, offset, user)
-    assert after[GEMMA] > before[GEMMA] and after[SMOL] < before[SMOL]
+    # The live router rates each model by its own success rate (local quality), so a thumbs-up for
+    # one model leaves the other's rating where it was (Eagle's zero-sum ELO would lower it).
+    assert after[GEMMA] > before[GEMMA] and after[SMOL] <= before[SMOL]
 
     # a low rating, by the bare id
     out, offset = await post_feedback(system, {"request_id": smol.id.removeprefix("chatcmpl-"), "kind": "rating",
