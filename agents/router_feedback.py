@@ -26,6 +26,7 @@ from core.routing.index import NeighbourIndex
 from core.routing.state import RouterConfig, RouterFeedback, RouterState
 from infra.connect import Services
 from infra.telemetry import FEEDBACK_APPLIED, ROUTER_RATING
+from streams.consumed import Consumed
 from streams.dlq import DeadLetters
 from streams.tracing import process_context
 
@@ -171,8 +172,7 @@ class FeedbackApplier:
                     self.router_name, last_offset, json.loads(json.dumps(snapshot)))
 
     async def _dead_letter(self, record: Any, exc: DeadLetterError, event: dict[str, Any] | None = None) -> None:
-        await self.dlq.publish(topic=record.topic, partition=record.partition, offset=record.offset, key=record.key,
-                               value=record.value, headers=list(record.headers or []), error=exc, event=event)
+        await self.dlq.publish(Consumed.of(record), exc, event)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the feedback topic from the journalled offset until ``stop`` is set."""

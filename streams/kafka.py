@@ -25,6 +25,7 @@ from aiokafka.protocol.transaction import InitProducerIdRequest
 from pydantic import SecretStr
 
 from core.errors import DeadLetterError, RetriableError
+from streams.consumed import Consumed
 from streams.contracts import Event
 from streams.serde import AvroSerde
 from streams.tracing import inject_headers, producer_span
@@ -259,6 +260,11 @@ class Received:
     @property
     def tp(self) -> TopicPartition:
         return TopicPartition(self.record.topic, self.record.partition)
+
+    @property
+    def consumed(self) -> Consumed:
+        """The record as it was on the broker (what a dead letter keeps)."""
+        return Consumed.of(self.record)
 
 
 class EventConsumer:

@@ -50,9 +50,7 @@ async def dead_letter_bad(batch: list[Received], dlq: DeadLetters) -> list[Recei
         if item.error is None:
             good.append(item)
             continue
-        r = item.record
-        await dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key, value=r.value,
-                          headers=list(r.headers or []), error=item.error)
+        await dlq.publish(item.consumed, item.error)
     return good
 
 
@@ -74,9 +72,7 @@ async def run_stage(consumer: EventConsumer, dlq: DeadLetters, handle_one: Calla
                             try:
                                 await handle_one(item)
                             except DeadLetterError as exc:
-                                await dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset,
-                                                  key=r.key, value=r.value, headers=item.headers,
-                                                  error=exc, event=item.event or item.typed)
+                                await dlq.publish(item.consumed, exc, item.event or item.typed)
                         PROCESSED.labels(config.name, r.topic).inc()
                 await consumer.commit(next_offsets(batch))
                 backoff = config.retry_backoff_s

@@ -135,8 +135,7 @@ class TrainerService:
                 self.tracker.seen_offset(tp, r.offset, open_=False)
                 continue
             if item.error is not None or item.event is None:
-                await self.dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
-                                       value=r.value, headers=item.headers, error=item.error or ValueError("no event"))
+                await self.dlq.publish(item.consumed, item.error or ValueError("no event"))
                 self.tracker.seen_offset(tp, r.offset, open_=False)
                 continue
             event = item.event
@@ -149,8 +148,7 @@ class TrainerService:
                     self.buffer.add_reward(event["request_id"], float(event["reward"]))
                     held = True
             except ValueError as exc:  # a malformed rollout (e.g. log-probs of the wrong length)
-                await self.dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
-                                       value=r.value, headers=item.headers, error=exc, event=event)
+                await self.dlq.publish(item.consumed, exc, event)
             self.tracker.seen_offset(tp, r.offset, open_=held)
             if held:
                 self.held.setdefault(event["request_id"], []).append((tp, r.offset))

@@ -135,8 +135,7 @@ class InferenceWorker:
             r = item.record
             tp = item.tp
             if item.error is not None:
-                await self.dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
-                                       value=r.value, headers=item.headers, error=item.error)
+                await self.dlq.publish(item.consumed, item.error)
                 self.tracker.seen_offset(tp, r.offset, open_=False)
                 continue
             decision = item.event
@@ -151,8 +150,7 @@ class InferenceWorker:
                 self._decisions[rid] = decision
                 serve = await self._serve_request(request)
             except DeadLetterError as exc:
-                await self.dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
-                                       value=r.value, headers=item.headers, error=exc, event=decision)
+                await self.dlq.publish(item.consumed, exc, decision)
                 self.tracker.seen_offset(tp, r.offset, open_=False)
                 continue
             finally:

@@ -1,0 +1,25 @@
+"""What a stage consumed: where a record came from and its bytes, as the dead-letter topic keeps them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Consumed:
+    """One consumed record as it was on the broker (before any decoding)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+    @classmethod
+    def of(cls, record: Any) -> Consumed:
+        """From anything shaped like a consumed record: aiokafka's ``ConsumerRecord`` or faust's
+        ``Message`` (both have topic, partition, offset, key, value and headers)."""
+        return cls(record.topic, record.partition, record.offset, record.key, record.value,
+                   tuple(record.headers or ()))
