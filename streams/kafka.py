@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.helpers import create_ssl_context
@@ -234,6 +234,14 @@ class EventProducer:
             futures.append(await self.raw.send_batch(builder, topic, partition=partition))
         return futures
 
+    def transaction(self) -> Any:
+        """A transaction (transactional producers only): everything sent inside commits or aborts together."""
+        return self.raw.transaction()
+
+    async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, tuple[int, str]], group_id: str) -> None:
+        """Commit consumer offsets (with metadata) in the open transaction."""
+        await self.raw.send_offsets_to_transaction(offsets, group_id)
+
     async def send_raw(self, topic: str, value: bytes | None, key: bytes | None = None,
                        headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
                        timestamp_ms: int | None = None) -> Any:
@@ -301,6 +309,14 @@ class EventConsumer:
 
     async def stop(self) -> None:
         await self.raw.stop()
+
+    def subscribe(self, topics: list[str], listener: ConsumerRebalanceListener) -> None:
+        """Subscribe (before ``start``) with a listener told of every rebalance."""
+        self.raw.subscribe(topics, listener=listener)
+
+    def assignment(self) -> set[TopicPartition]:
+        """The partitions this consumer owns now."""
+        return set(self.raw.assignment())
 
     async def decode(self, record: ConsumerRecord[bytes, bytes]) -> Received:
         await self.serde.prefetch((record.value,))
