@@ -58,8 +58,9 @@ class FakeBroker:
     def consumer(self, group: str, max_batch: int = 100) -> FakeConsumer:
         return FakeConsumer(self, group, max_batch)
 
-    def producer(self, fail_sends: int = 0) -> FakeProducer:
-        return FakeProducer(self, fail_sends)
+    def producer(self, fail_sends: int = 0, transactional: bool | None = None) -> FakeProducer:
+        """A producer, transactional when the broker has transactions unless ``transactional`` says."""
+        return FakeProducer(self, fail_sends, self.transactions if transactional is None else transactional)
 
     def outputs(self, topic: str) -> list[dict[str, Any] | Event]:
         return [p.record for p in self.visible if p.topic == topic]
@@ -119,19 +120,20 @@ class FakeConsumer:
 
 
 class FakeProducer:
-    """Produces into the broker's log; transactional when the broker has transactions. The first
+    """Produces into the broker's log, in transactions when ``transactional``. The first
     ``fail_sends`` sends raise ``RetriableError`` (a broker that went away mid-transaction)."""
 
-    def __init__(self, broker: FakeBroker, fail_sends: int = 0) -> None:
+    def __init__(self, broker: FakeBroker, fail_sends: int = 0, transactional: bool = True) -> None:
         self.broker = broker
         self.fail_sends = fail_sends
+        self._transactional = transactional
         self._pending: list[Produced] | None = None
         self._offsets: dict[str, Positions] = {}
         self.dead_letters: list[dict[str, Any]] = []
 
     @property
     def transactional(self) -> bool:
-        return self.broker.transactions
+        return self._transactional
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:

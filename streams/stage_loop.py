@@ -22,8 +22,10 @@ A stage keeps only its handler; the loop owns delivery:
 - **Rebalance**: a revocation first waits for the batch being handled to commit (its outputs
   and offsets together), then runs the stage's own ``on_revoked`` hook (e.g. the worker aborts
   generation in flight) and forgets the partitions: held work not yet committed is abandoned and
-  the new owner re-reads it from the committed position. Assigned partitions are restored from
-  their commit metadata. Nothing of a partition this consumer no longer owns is committed after.
+  the new owner re-reads it from the committed position. An assigned partition is restored from
+  its commit metadata before its first records are handled (not in the assignment callback:
+  aiokafka may fetch before that callback has run). Nothing of a partition this consumer no
+  longer owns is committed after.
 
 Invariant: an offset is committed only after its record's outputs were produced in the same
 transaction (or acknowledged before), or its dead letter was acknowledged, or it was skipped as
@@ -120,6 +122,9 @@ class StageLoop:
 
     def __init__(self, consumer: StageConsumer, producer: StageProducer, dlq: DeadLetters, group: str,
                  config: StageConfig, committed: CommittedReader | None = None) -> None:
+        if getattr(dlq.producer, "transactional", False):
+            raise ValueError(f"stage {config.name}: dead letters need a producer outside transactions "
+                             "(they are acknowledged one by one, before the commit that passes them)")
         self.consumer = consumer
         self.producer = producer
         self.dlq = dlq
@@ -135,6 +140,7 @@ class StageLoop:
         outputs and offsets commit together before its partitions move to their next owner."""
         self._held: set[tuple[TopicPartition, int]] = set()
         self._dead: set[tuple[TopicPartition, int]] = set()  # dead-lettered in the batch being handled
+        self._restored: set[TopicPartition] = set()  # partitions whose commit metadata the tracker holds
 
     # -- rebalances ------------------------------------------------------------------------------
     def subscribe(self, topics: list[str],
@@ -162,14 +168,25 @@ class StageLoop:
                 await on_revoked(revoked)
             async with self.lock:
                 self.tracker.forget(revoked)
+                self._restored -= revoked
                 self._held = {h for h in self._held if h[0] not in revoked}
 
     async def assigned(self, assigned: set[TopicPartition]) -> None:
-        """Restore newly assigned partitions' committed positions and the offsets finished beyond them."""
-        found = await self.committed(assigned) if self.committed is not None and assigned else {}
+        """Newly assigned partitions are restored from their commit metadata when their first
+        records arrive (``screen``): the consumer may fetch them before this callback has run."""
         async with self.lock:
-            for tp, (offset, metadata) in found.items():
-                self.tracker.restore(tp, offset, metadata)
+            self._restored -= assigned
+
+    async def _restore(self, tps: set[TopicPartition]) -> None:
+        """Seed partitions' committed positions and the offsets finished beyond them. Runs before
+        their first records are screened, so nothing handled since is overwritten."""
+        found = await self.committed(tps) if self.committed is not None else {}
+        async with self.lock:
+            for tp in tps:
+                if tp in found:
+                    offset, metadata = found[tp]
+                    self.tracker.restore(tp, offset, metadata)
+                self._restored.add(tp)
 
     # -- what a handler may call -----------------------------------------------------------------
     def hold(self, item: Received) -> None:
@@ -226,6 +243,9 @@ class StageLoop:
         fresh: list[Received] = []
         tracker = self.tracker
         owned = self.consumer.assignment()
+        unrestored = {item.tp for item in batch} & owned - self._restored
+        if unrestored:
+            await self._restore(unrestored)
         for item in batch:
             tp, offset = item.tp, item.record.offset
             if tp not in owned:

@@ -29,16 +29,18 @@ def request(n: int) -> dict[str, Any]:
 async def make_stage(broker: FakeBroker, *, partitions: set[TopicPartition] = frozenset({TP0}),  # type: ignore[assignment]
                      group: str = "g", max_batch: int = 100, fail_sends: int = 0,
                      ) -> tuple[StageLoop, FakeConsumer, FakeProducer]:
+    """A stage of ``group`` owning ``partitions``; returns it, its consumer and its dead-letter producer."""
     consumer, producer = broker.consumer(group, max_batch), broker.producer(fail_sends)
+    dead = broker.producer(transactional=False)  # dead letters go out one by one, outside transactions
 
     async def committed(tps: set[TopicPartition]) -> dict[TopicPartition, tuple[int, str]]:
         return {tp: p for tp, p in broker.committed.get(group, {}).items() if tp in tps}
 
-    stage = StageLoop(consumer, producer, DeadLetters(producer, DLQ, "test"), group,  # type: ignore[arg-type]
+    stage = StageLoop(consumer, producer, DeadLetters(dead, DLQ, "test"), group,  # type: ignore[arg-type]
                       StageConfig("test", retry_backoff_s=0.0), committed=committed)
     stage.subscribe([IN])
     await consumer.assign(set(partitions))
-    return stage, consumer, producer
+    return stage, consumer, dead
 
 
 async def drain(stage: StageLoop, handler: BatchHandler) -> None:
@@ -79,13 +81,13 @@ async def test_poison_records_become_dead_letters_with_their_reason_and_the_stre
     broker.append(IN, 0, None, error=DeadLetterError("bad magic byte 0x07"))
     broker.append(IN, 0, request(-3))  # the handler rejects it
     broker.append(IN, 0, request(4))
-    stage, _, producer = await make_stage(broker)
+    stage, _, dead = await make_stage(broker)
     await drain(stage, doubled(stage))
     assert broker.outputs(OUT) == [{"n": 2}, {"n": 8}]
-    reasons = [(d["origin_offset"], d["error_type"], d["reason"]) for d in producer.dead_letters]
+    reasons = [(d["origin_offset"], d["error_type"], d["reason"]) for d in dead.dead_letters]
     assert reasons == [(1, "DeadLetterError", "bad magic byte 0x07"), (2, "ValidationError", "n=-3 must be >= 0")]
-    assert producer.dead_letters[1]["user_id"] == "u-3"  # the envelope of the rejected event
-    assert producer.dead_letters[0]["origin_value"] == b"undecodable"
+    assert dead.dead_letters[1]["user_id"] == "u-3"  # the envelope of the rejected event
+    assert dead.dead_letters[0]["origin_value"] == b"undecodable"
     assert broker.committed["g"] == {TP0: (4, "")}
 
 
@@ -221,3 +223,11 @@ def test_config_rejects_impossible_values():
         StageConfig("s", max_records=0)
     with pytest.raises(ValueError, match="retry_backoff_s=5"):
         StageConfig("s", retry_backoff_s=5, max_retry_backoff_s=1)
+
+
+def test_dead_letters_on_a_transactional_producer_are_refused():
+    broker = FakeBroker()
+    producer = broker.producer()
+    with pytest.raises(ValueError, match="outside transactions"):
+        StageLoop(broker.consumer("g"), producer, DeadLetters(producer, DLQ, "t"), "g",  # type: ignore[arg-type]
+                  StageConfig("t"))
