@@ -87,7 +87,6 @@ class FeedbackApplier:
         self.embedder = embedder
         self.dlq = dlq
         self.applied_since_snapshot = 0
-        self.changed = asyncio.Event()
 
     async def _placement(self, request_ids: list[str]) -> dict[str, tuple[str, np.ndarray]]:
         rows = await self.services.pool.fetch(
@@ -126,7 +125,6 @@ class FeedbackApplier:
             FEEDBACK_APPLIED.inc(len(journal))
             for model, rating in self.state.ranker.global_ratings().items():
                 ROUTER_RATING.labels(model).set(rating)
-            self.changed.set()
 
     @staticmethod
     def _anchor(event: dict[str, Any]) -> str:

@@ -360,15 +360,6 @@ class EventConsumer:
         await self.raw.commit(offsets)
 
 
-def next_offsets(batch: list[Received]) -> dict[TopicPartition, int]:
-    """Offsets to commit after processing ``batch`` (last offset + 1 per partition)."""
-    out: dict[TopicPartition, int] = {}
-    for item in batch:
-        tp = item.tp
-        out[tp] = max(out.get(tp, 0), item.record.offset + 1)
-    return out
-
-
 async def fetch_committed(config: KafkaConfig, group: str, partitions: set[TopicPartition]
                           ) -> dict[TopicPartition, tuple[int, str]]:
     """A consumer group's committed (offset, metadata) for ``partitions`` (absent: never committed)."""
