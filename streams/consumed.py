@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ class Consumed:
     @classmethod
     def of(cls, record: Any) -> Consumed:
         """From anything shaped like a consumed record: aiokafka's ``ConsumerRecord`` or faust's
-        ``Message`` (both have topic, partition, offset, key, value and headers)."""
-        return cls(record.topic, record.partition, record.offset, record.key, record.value,
-                   tuple(record.headers or ()))
+        ``Message`` (both have topic, partition, offset, key, value and headers; faust's headers
+        may be a mapping)."""
+        headers = record.headers or ()
+        pairs = headers.items() if isinstance(headers, Mapping) else headers
+        return cls(record.topic, record.partition, record.offset, record.key, record.value, tuple(pairs))

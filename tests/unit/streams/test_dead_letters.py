@@ -46,3 +46,10 @@ async def test_a_consumed_record_is_taken_as_it_was_on_the_broker():
         topic, partition, offset, key, value, headers = "t", 1, 9, None, b"v", [("h", b"1")]
 
     assert Consumed.of(Message()) == Consumed("t", 1, 9, None, b"v", (("h", b"1"),))
+
+
+def test_mapping_headers_are_kept_as_pairs():
+    class FaustMessage:
+        topic, partition, offset, key, value, headers = "t", 0, 1, b"k", b"v", {"traceparent": b"x"}
+
+    assert Consumed.of(FaustMessage()).headers == (("traceparent", b"x"),)
