@@ -17,7 +17,7 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -29,6 +29,7 @@ from infra.connect import Services, connect
 from infra.metrics import start_metrics
 from infra.runtime import setup_logging
 from infra.settings import Settings
+from streams.consumed import Consumed
 from streams.dlq import DeadLetters
 from streams.kafka import KafkaConfig, encode_key
 from streams.tracing import inject_headers, process_context, setup_tracing
@@ -106,13 +107,11 @@ class FaustSink:
 async def decode(services: Services, event: Any, dlq: DeadLetters) -> dict[str, Any] | None:
     """Decode a faust event's value; on failure publish a dead letter and return None."""
     message = event.message
-    headers: Sequence[tuple[str, bytes | None]] = list(message.headers or [])
     try:
         _, record = await services.serde.deserialize(message.value)
         return record
     except DeadLetterError as exc:
-        await dlq.publish(topic=message.topic, partition=message.partition, offset=message.offset,
-                          key=message.key, value=message.value, headers=headers, error=exc)
+        await dlq.publish(Consumed.of(message), exc)
         return None
 
 
@@ -130,9 +129,7 @@ async def process_each(stream: Any, services: Services, dlq: DeadLetters,
             try:
                 await handle(record)
             except DeadLetterError as exc:
-                await dlq.publish(topic=message.topic, partition=message.partition, offset=message.offset,
-                                  key=message.key, value=message.value, headers=list(message.headers or []),
-                                  error=exc, event=record)
+                await dlq.publish(Consumed.of(message), exc, record)
 
 
 def exits_on_error(body: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:

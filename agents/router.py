@@ -49,6 +49,7 @@ from core.validation import RequestLimits, validate_request
 from infra.connect import Services
 from infra.settings import Settings
 from infra.telemetry import REQUESTS_ROUTED, ROUTING_SECONDS
+from streams.consumed import Consumed
 from streams.dlq import DeadLetters
 from streams.events import envelope, event_time_ms, prompt_text
 from streams.tracing import process_context
@@ -263,9 +264,7 @@ def build(services: Services) -> faust.App:
                     validate_request(request, router.limits)
                     batch.append((event, request))
                 except DeadLetterError as exc:
-                    m = event.message
-                    await dlq.publish(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key,
-                                      value=m.value, headers=list(m.headers or []), error=exc, event=request)
+                    await dlq.publish(Consumed.of(event.message), exc, request)
             if not batch:
                 continue
             await router.ready.wait()

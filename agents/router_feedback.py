@@ -26,6 +26,7 @@ from core.routing.index import NeighbourIndex
 from core.routing.state import RouterConfig, RouterFeedback, RouterState
 from infra.connect import Services
 from infra.telemetry import FEEDBACK_APPLIED, ROUTER_RATING
+from streams.consumed import Consumed
 from streams.dlq import DeadLetters
 from streams.tracing import process_context
 
@@ -86,7 +87,6 @@ class FeedbackApplier:
         self.embedder = embedder
         self.dlq = dlq
         self.applied_since_snapshot = 0
-        self.changed = asyncio.Event()
 
     async def _placement(self, request_ids: list[str]) -> dict[str, tuple[str, np.ndarray]]:
         rows = await self.services.pool.fetch(
@@ -125,7 +125,6 @@ class FeedbackApplier:
             FEEDBACK_APPLIED.inc(len(journal))
             for model, rating in self.state.ranker.global_ratings().items():
                 ROUTER_RATING.labels(model).set(rating)
-            self.changed.set()
 
     @staticmethod
     def _anchor(event: dict[str, Any]) -> str:
@@ -171,8 +170,7 @@ class FeedbackApplier:
                     self.router_name, last_offset, json.loads(json.dumps(snapshot)))
 
     async def _dead_letter(self, record: Any, exc: DeadLetterError, event: dict[str, Any] | None = None) -> None:
-        await self.dlq.publish(topic=record.topic, partition=record.partition, offset=record.offset, key=record.key,
-                               value=record.value, headers=list(record.headers or []), error=exc, event=event)
+        await self.dlq.publish(Consumed.of(record), exc, event)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the feedback topic from the journalled offset until ``stop`` is set."""

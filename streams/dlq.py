@@ -14,6 +14,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from streams.consumed import Consumed
 from streams.contracts import Event
 from streams.events import envelope
 from streams.kafka import EventProducer
@@ -54,20 +55,22 @@ class DeadLetters:
         self.topic = topic
         self.stage = stage
 
-    async def publish(self, *, topic: str, partition: int, offset: int, key: bytes | None,
-                      value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None,
-                      error: Exception, event: dict[str, Any] | Event | None = None) -> None:
+    async def publish(self, received: Consumed, error: Exception,
+                      event: dict[str, Any] | Event | None = None) -> None:
+        """Publish ``received`` with the reason ``error`` gives; ``event`` (when it decoded) lends
+        its envelope (correlation, tenant and user ids) to the dead letter."""
         reason = getattr(error, "reason", None) or str(error) or type(error).__name__
         envelope_of = event if isinstance(event, dict) else (
             {"correlation_id": event.correlation_id, "tenant_id": event.tenant_id, "user_id": event.user_id}
             if event is not None else {})
+        r = received
         record = dead_letter_event(
-            stage=self.stage, topic=topic, partition=partition, offset=offset, key=key, value=value,
-            headers=headers, reason=reason, error_type=type(error).__name__,
+            stage=self.stage, topic=r.topic, partition=r.partition, offset=r.offset, key=r.key, value=r.value,
+            headers=r.headers, reason=reason, error_type=type(error).__name__,
             correlation_id=str(envelope_of.get("correlation_id", "")),
             tenant_id=str(envelope_of.get("tenant_id", "")),
             user_id=str(envelope_of.get("user_id", "")),
         )
-        log.warning("dead letter from %s[%d]@%d (%s): %s", topic, partition, offset, self.stage, reason)
-        await self.producer.send_and_wait(self.topic, record, key=key)
-        DEAD_LETTERS.labels(self.stage, topic, type(error).__name__).inc()
+        log.warning("dead letter from %s[%d]@%d (%s): %s", r.topic, r.partition, r.offset, self.stage, reason)
+        await self.producer.send_and_wait(self.topic, record, key=r.key)
+        DEAD_LETTERS.labels(self.stage, r.topic, type(error).__name__).inc()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.helpers import create_ssl_context
@@ -25,6 +25,7 @@ from aiokafka.protocol.transaction import InitProducerIdRequest
 from pydantic import SecretStr
 
 from core.errors import DeadLetterError, RetriableError
+from streams.consumed import Consumed
 from streams.contracts import Event
 from streams.serde import AvroSerde
 from streams.tracing import inject_headers, producer_span
@@ -233,6 +234,14 @@ class EventProducer:
             futures.append(await self.raw.send_batch(builder, topic, partition=partition))
         return futures
 
+    def transaction(self) -> Any:
+        """A transaction (transactional producers only): everything sent inside commits or aborts together."""
+        return self.raw.transaction()
+
+    async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, tuple[int, str]], group_id: str) -> None:
+        """Commit consumer offsets (with metadata) in the open transaction."""
+        await self.raw.send_offsets_to_transaction(offsets, group_id)
+
     async def send_raw(self, topic: str, value: bytes | None, key: bytes | None = None,
                        headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
                        timestamp_ms: int | None = None) -> Any:
@@ -259,6 +268,11 @@ class Received:
     @property
     def tp(self) -> TopicPartition:
         return TopicPartition(self.record.topic, self.record.partition)
+
+    @property
+    def consumed(self) -> Consumed:
+        """The record as it was on the broker (what a dead letter keeps)."""
+        return Consumed.of(self.record)
 
 
 class EventConsumer:
@@ -295,6 +309,14 @@ class EventConsumer:
 
     async def stop(self) -> None:
         await self.raw.stop()
+
+    def subscribe(self, topics: list[str], listener: ConsumerRebalanceListener) -> None:
+        """Subscribe (before ``start``) with a listener told of every rebalance."""
+        self.raw.subscribe(topics, listener=listener)
+
+    def assignment(self) -> set[TopicPartition]:
+        """The partitions this consumer owns now."""
+        return set(self.raw.assignment())
 
     async def decode(self, record: ConsumerRecord[bytes, bytes]) -> Received:
         await self.serde.prefetch((record.value,))
@@ -336,15 +358,6 @@ class EventConsumer:
     async def commit(self, offsets: dict[TopicPartition, int] | dict[TopicPartition, tuple[int, str]] | None = None
                      ) -> None:
         await self.raw.commit(offsets)
-
-
-def next_offsets(batch: list[Received]) -> dict[TopicPartition, int]:
-    """Offsets to commit after processing ``batch`` (last offset + 1 per partition)."""
-    out: dict[TopicPartition, int] = {}
-    for item in batch:
-        tp = item.tp
-        out[tp] = max(out.get(tp, 0), item.record.offset + 1)
-    return out
 
 
 async def fetch_committed(config: KafkaConfig, group: str, partitions: set[TopicPartition]

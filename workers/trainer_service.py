@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import TopicPartition
 
 from core.rlhf.buffer import Rollout, RolloutBuffer
 from core.scheduling.yielding import BackoffConfig
@@ -37,8 +37,8 @@ from infra.yielding import ServingPressureWatcher, run_as_background
 from streams.dlq import DeadLetters
 from streams.events import envelope, prompt_text
 from streams.kafka import EventConsumer, EventProducer, Received, fetch_committed, partitions_of
-from streams.offsets import OffsetTracker
 from streams.replay import read_topics
+from streams.stage_loop import Output, StageConfig, StageLoop
 from workers.trainer.live import LiveStep, LiveTrainer
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,12 @@ class TrainerService:
                                       transactional_id=f"{self.group}-0")
         self.plain = EventProducer(services.kafka, services.serde, services.capabilities)
         self.dlq = DeadLetters(self.plain, catalog.dlq("trainer"), "trainer")
-        self.tracker = OffsetTracker()
+        # The shared loop: rollouts and rewards are held while the buffer holds them; a step's
+        # ModelPublished and generated Rollouts go out with the offsets it finished, atomically.
+        self.stage = StageLoop(self.consumer, self.producer, self.dlq, self.group,
+                               StageConfig("trainer", batch_timeout_ms=500, max_records=200),
+                               committed=lambda tps: fetch_committed(services.kafka, self.group, tps))
         self.held: dict[str, list[tuple[TopicPartition, int]]] = {}
-        self.txn_lock = asyncio.Lock()
         self.stop = asyncio.Event()
         self.prompts_primed = asyncio.Event()
         """Set once the prompt pool holds the request stream's tail as of start-up."""
@@ -127,39 +130,36 @@ class TrainerService:
             return None
         return rollout_from_event(event)
 
-    async def _ingest(self, batch: list[Received]) -> None:
+    async def _ingest(self, batch: list[Received]) -> list[Output]:
+        """The stage's handler: a rollout or reward the buffer keeps is held until the step that
+        uses it is published (or the buffer drops it); the rest finish at once; a malformed
+        rollout is dead-lettered."""
         now = time.monotonic()
         for item in batch:
-            r, tp = item.record, item.tp
-            if self.tracker.is_done(tp, r.offset):
-                self.tracker.seen_offset(tp, r.offset, open_=False)
-                continue
-            if item.error is not None or item.event is None:
-                await self.dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
-                                       value=r.value, headers=item.headers, error=item.error or ValueError("no event"))
-                self.tracker.seen_offset(tp, r.offset, open_=False)
-                continue
             event = item.event
+            assert event is not None  # the loop dead-letters undecodable records
             held = False
             try:
-                if r.topic == self.s.catalog.rollouts:
+                if item.record.topic == self.s.catalog.rollouts:
                     rollout = self._rollout(event)
                     held = rollout is not None and self.buffer.add(rollout, now)
                 else:
                     self.buffer.add_reward(event["request_id"], float(event["reward"]))
                     held = True
             except ValueError as exc:  # a malformed rollout (e.g. log-probs of the wrong length)
-                await self.dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
-                                       value=r.value, headers=item.headers, error=exc, event=event)
-            self.tracker.seen_offset(tp, r.offset, open_=held)
+                await self.stage.dead_letter(item, exc, event)
             if held:
-                self.held.setdefault(event["request_id"], []).append((tp, r.offset))
+                self.stage.hold(item)
+                self.held.setdefault(event["request_id"], []).append((item.tp, item.record.offset))
+        return []
 
-    def _release_finished(self) -> None:
+    def _release_finished(self) -> list[tuple[TopicPartition, int]]:
+        """Offsets of the rollouts and rewards the buffer no longer holds (used or dropped)."""
         keep = self.buffer.held()
+        finished: list[tuple[TopicPartition, int]] = []
         for rid in [rid for rid in self.held if rid not in keep]:
-            for tp, offset in self.held.pop(rid):
-                self.tracker.close(tp, offset)
+            finished += self.held.pop(rid)
+        return finished
 
     # ------------------------------------------------------------------ publishing
 
@@ -184,28 +184,12 @@ class TrainerService:
 
     async def _publish(self, step: LiveStep | None) -> None:
         """ModelPublished, the generated Rollouts (if a step ran) and the offsets it finished, atomically."""
-        async with self.txn_lock:
-            self._release_finished()
-            positions = self.tracker.positions()
-            if step is None and not positions:
-                return
-            catalog = self.s.catalog
-            records: list[tuple[str, dict[str, Any], str]] = []
-            if step is not None:
-                records.append((catalog.models_topic, self._model_event(step), self.config.model))
-                records += [(catalog.rollouts, e, e["request_id"]) for e in self._rollout_events(step)]
-            if self.producer.transactional:
-                async with self.producer.raw.transaction():
-                    for topic, record, key in records:
-                        await self.producer.send(topic, record, key=key)
-                    if positions:
-                        await self.producer.raw.send_offsets_to_transaction(positions, self.group)
-            else:
-                for topic, record, key in records:
-                    await self.producer.send_and_wait(topic, record, key=key)
-                if positions:
-                    await self.consumer.commit(positions)
-            self.tracker.mark_committed(positions)
+        catalog = self.s.catalog
+        outputs: list[Output] = []
+        if step is not None:
+            outputs.append(Output(catalog.models_topic, self._model_event(step), self.config.model))
+            outputs += [Output(catalog.rollouts, e, e["request_id"]) for e in self._rollout_events(step)]
+        await self.stage.commit(outputs, finished=self._release_finished())
 
     async def may_train(self) -> bool:
         """Whether an iteration may start now: learning yields to serving (a bounded wait)."""
@@ -275,34 +259,21 @@ class TrainerService:
         await self.producer.start()
         await self.plain.start()
         await self.resume()
-        service = self
-
-        class Listener(ConsumerRebalanceListener):
-            async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-                async with service.txn_lock:
-                    service.tracker.forget(set(revoked))
-
-            async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-                committed = await fetch_committed(service.s.kafka, service.group, set(assigned))
-                async with service.txn_lock:
-                    for tp, (offset, metadata) in committed.items():
-                        service.tracker.restore(tp, offset, metadata)
-
-        self.consumer.raw.subscribe(self.topics, listener=Listener())
+        self.stage.subscribe(self.topics)
         await self.consumer.start()
         prompts = asyncio.create_task(self._follow_prompts(), name="prompts")
         last_tick = time.monotonic()
+
+        async def after_batch(batch: list[Received]) -> None:
+            nonlocal last_tick
+            if prompts.done():
+                prompts.result()  # a failed prompt reader fails the service (the supervisor restarts it)
+            if batch or time.monotonic() - last_tick > self.config.tick_s:
+                await self.train_when_ready()
+                last_tick = time.monotonic()
+
         try:
-            batches = self.consumer.batches(timeout_ms=500, max_records=200)
-            while not self.stop.is_set():
-                if prompts.done():
-                    prompts.result()  # a failed prompt reader fails the service (the supervisor restarts it)
-                batch = await anext(batches)
-                if batch:
-                    await self._ingest(batch)
-                if batch or time.monotonic() - last_tick > self.config.tick_s:
-                    await self.train_when_ready()
-                    last_tick = time.monotonic()
+            await self.stage.run(self._ingest, self.stop, after_batch)
         finally:
             prompts.cancel()
             with contextlib.suppress(BaseException):

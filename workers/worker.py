@@ -34,7 +34,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import TopicPartition
 
 from core.catalog import get_model
 from core.errors import DeadLetterError, ValidationError
@@ -46,8 +46,7 @@ from models.prompting import prompt_ids as prompt_ids_for
 from streams.dlq import DeadLetters
 from streams.events import envelope, event_time_ms, prompt_text
 from streams.kafka import EventConsumer, EventProducer, Received, fetch_committed
-from streams.offsets import OffsetTracker
-from streams.tracing import process_context
+from streams.stage_loop import Output, StageConfig, StageLoop
 from workers.engines.base import SamplingParams
 from workers.reroute import REROUTE_REASON, reroute_target, rerouted_decision
 from workers.serving import ChunkEvent, FinalEvent, ServeRequest, ServingLoop
@@ -72,11 +71,18 @@ class WorkerConfig:
 
 @dataclass
 class _InFlight:
-    tp: TopicPartition
-    offset: int
+    origin: Received
+    """The consumed decision (its partition, offset and trace headers)."""
     decision: dict[str, Any]
-    headers: list[tuple[str, bytes]]
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def tp(self) -> TopicPartition:
+        return self.origin.tp
+
+    @property
+    def offset(self) -> int:
+        return self.origin.record.offset
 
 
 class InferenceWorker:
@@ -97,14 +103,17 @@ class InferenceWorker:
         # Dead letters go through the non-transactional producer and are acknowledged before the
         # offset past them is committed.
         self.dlq = DeadLetters(self.chunks, self.catalog.dlq("worker"), "worker")
-        self.tracker = OffsetTracker()
+        # The shared loop: decisions are held until answered; finals, rollouts and forwarded
+        # decisions go out with the offsets they finish (one transaction on Apache Kafka).
+        self.stage = StageLoop(self.consumer, self.finals, self.dlq, self.group,
+                               StageConfig("worker", batch_timeout_ms=100, max_records=16),
+                               committed=lambda tps: fetch_committed(services.kafka, self.group, tps))
         self.inflight: dict[str, _InFlight] = {}
         self._decisions: dict[str, dict[str, Any]] = {}  # decisions being admitted (before inflight)
         self.rerouted = 0
         self.user_adapters: dict[str, tuple[str, str]] = {}  # user -> (hash, uri), newest announced
         self.loaded: OrderedDict[str, None] = OrderedDict()
         self.events: asyncio.Queue[list[Any]] = asyncio.Queue()
-        self.txn_lock = asyncio.Lock()
         self.stop = asyncio.Event()
         self._wake = threading.Event()
         self._beat_now = asyncio.Event()
@@ -127,42 +136,36 @@ class InferenceWorker:
                                        request_ids)
         return {r["request_id"] for r in rows}
 
-    async def _admit_batch(self, batch: list[Received]) -> None:
-        decoded = [item for item in batch if item.event is not None]
-        done = await self._answered([i.event["request"]["request_id"] for i in decoded if i.event]) \
-            if decoded else set()
+    async def _admit_batch(self, batch: list[Received]) -> list[Output]:
+        """The stage's handler: fresh decisions are admitted to the serving loop and held until
+        answered; one answered before (the ledger) or already in flight is finished at once; one
+        that fails validation is dead-lettered. Outputs come later, from ``_publish``."""
+        done = await self._answered([i.event["request"]["request_id"] for i in batch if i.event])
         for item in batch:
-            r = item.record
-            tp = item.tp
-            if item.error is not None:
-                await self.dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
-                                       value=r.value, headers=item.headers, error=item.error)
-                self.tracker.seen_offset(tp, r.offset, open_=False)
-                continue
             decision = item.event
-            assert decision is not None
+            assert decision is not None  # the loop dead-letters undecodable records
             request = decision["request"]
             rid = request["request_id"]
-            if self.tracker.is_done(tp, r.offset) or rid in done or rid in self.inflight:
-                self.tracker.seen_offset(tp, r.offset, open_=False)  # answered before, or re-delivered now
-                continue
+            if rid in done or rid in self.inflight:
+                continue  # answered before, or re-delivered now
             try:
                 validate_request(request, self.limits)
                 self._decisions[rid] = decision
                 serve = await self._serve_request(request)
             except DeadLetterError as exc:
-                await self.dlq.publish(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
-                                       value=r.value, headers=item.headers, error=exc, event=decision)
-                self.tracker.seen_offset(tp, r.offset, open_=False)
+                await self.stage.dead_letter(item, exc, decision)
                 continue
             finally:
                 self._decisions.pop(rid, None)
-            self.tracker.seen_offset(tp, r.offset, open_=True)
+            if item.tp not in self.consumer.assignment():
+                continue  # revoked while it was being prepared: its new owner serves it
+            self.stage.hold(item)
             if not self.inflight:
                 self._beat_now.set()  # idle -> busy: tell background learners now, not at the next beat
-            self.inflight[rid] = _InFlight(tp, r.offset, decision, item.headers)
+            self.inflight[rid] = _InFlight(item, decision)
             self.serving.admit(serve)
         self._wake.set()
+        return []
 
     async def _serve_request(self, request: dict[str, Any]) -> ServeRequest:
         engine: Any = self.serving.engine
@@ -207,15 +210,8 @@ class InferenceWorker:
         return adapter_hash
 
     async def _consume(self) -> None:
-        batches = self.consumer.batches(timeout_ms=100, max_records=16)
-        while not self.stop.is_set():
-            if len(self.inflight) >= self.config.max_inflight:
-                await asyncio.sleep(0.05)  # backpressure: Kafka holds the rest
-                continue
-            batch = await anext(batches)
-            if batch:
-                await self._admit_batch(batch)
-                await self._commit(finals=[])  # positions past skipped or dead-lettered records
+        # Backpressure: past max_inflight nothing is fetched (Kafka holds the rest).
+        await self.stage.run(self._admit_batch, self.stop, ready=lambda: len(self.inflight) < self.config.max_inflight)
 
     # -- producing answers -----------------------------------------------------------------------
     def _response(self, final: FinalEvent, flight: _InFlight) -> dict[str, Any]:
@@ -254,8 +250,8 @@ class InferenceWorker:
             "temperature": float(request["sampling"]["temperature"]), "top_p": float(request["sampling"]["top_p"])}
 
     async def _commit(self, finals: list[tuple[FinalEvent, _InFlight]]) -> None:
-        """Produce finals (and rollouts, and rerouted decisions) and commit offsets: atomically where
-        transactions exist."""
+        """Produce finals (and rollouts, and rerouted decisions) with the offsets they finish:
+        atomically where transactions exist."""
         forwards: list[tuple[dict[str, Any], _InFlight]] = []
         answered: list[tuple[FinalEvent, _InFlight]] = []
         for final, flight in finals:
@@ -268,44 +264,19 @@ class InferenceWorker:
                 answered.append((final, flight))
         responses = [(self._response(f, fl), fl) for f, fl in answered]
         rollouts = [r for final, flight in answered if (r := self._rollout(final, flight)) is not None]
-        async with self.txn_lock:
-            for _, flight in (*responses, *forwards):
-                self.tracker.close(flight.tp, flight.offset)
-            positions = self.tracker.positions()
-            if not responses and not forwards and not positions:
-                return
-            if self.finals.transactional:
-                async with self.finals.raw.transaction():
-                    await self._send(responses, rollouts, forwards)
-                    if positions:
-                        await self.finals.raw.send_offsets_to_transaction(positions, self.group)
-            else:
-                futures = await self._send(responses, rollouts, forwards)
-                await asyncio.gather(*futures)
-                if positions:
-                    await self.consumer.commit(positions)
-            self.tracker.mark_committed(positions)
+        outputs = [Output(self.catalog.responses, response, response["request_id"], flight.origin)
+                   for response, flight in responses]
+        outputs += [Output(self.catalog.decisions(decision["model"]), decision, decision["request"]["request_id"],
+                           flight.origin) for decision, flight in forwards]
+        outputs += [Output(self.catalog.rollouts, rollout, rollout["request_id"]) for rollout in rollouts]
+        await self.stage.commit(outputs, finished=[(fl.tp, fl.offset) for _, fl in (*responses, *forwards)])
+        self.rerouted += len(forwards)
         if responses:
             await self.s.pool.executemany(
                 "INSERT INTO final_responses (request_id, user_id, model, worker_id, response) VALUES "
                 "($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING",
                 [(resp["request_id"], resp["user_id"], self.config.model, self.config.worker_id,
                   {k: v for k, v in resp.items() if k != "event_time"}) for resp, _ in responses])
-
-    async def _send(self, responses: list[tuple[dict[str, Any], _InFlight]], rollouts: list[dict[str, Any]],
-                    forwards: list[tuple[dict[str, Any], _InFlight]]) -> list[Any]:
-        futures = []
-        for response, flight in responses:
-            with process_context(flight.tp.topic, flight.headers, flight.tp.partition, flight.offset):
-                futures.append(await self.finals.send(self.catalog.responses, response, key=response["request_id"]))
-        for decision, flight in forwards:
-            with process_context(flight.tp.topic, flight.headers, flight.tp.partition, flight.offset):
-                futures.append(await self.finals.send(self.catalog.decisions(decision["model"]), decision,
-                                                      key=decision["request"]["request_id"]))
-            self.rerouted += 1
-        for rollout in rollouts:
-            futures.append(await self.finals.send(self.catalog.rollouts, rollout, key=rollout["request_id"]))
-        return futures
 
     async def _publish(self) -> None:
         while not self.stop.is_set():
@@ -336,21 +307,12 @@ class InferenceWorker:
                         SLO.labels(self.config.model, str(final.slo_met).lower()).inc()
 
     # -- rebalances, adapters, checkpoints, heartbeats ----------------------------------------------
-    async def revoke(self, revoked: set[TopicPartition]) -> None:
-        """Give up partitions: abort their in-flight work, finish any transaction in flight."""
+    async def abort_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Give up partitions' in-flight work (the loop then forgets their uncommitted offsets)."""
         for rid, flight in list(self.inflight.items()):
             if flight.tp in revoked:
                 self.serving.abort(rid)
                 del self.inflight[rid]
-        async with self.txn_lock:
-            self.tracker.forget(revoked)
-
-    async def restore(self, assigned: set[TopicPartition]) -> None:
-        """Seed newly assigned partitions with their committed position and answered offsets."""
-        committed = await fetch_committed(self.s.kafka, self.group, assigned)
-        async with self.txn_lock:
-            for tp, (offset, metadata) in committed.items():
-                self.tracker.restore(tp, offset, metadata)
 
     async def _follow_state(self) -> None:
         consumer = EventConsumer(self.s.kafka, self.s.serde, [self.catalog.adapters, self.catalog.models_topic],
@@ -427,17 +389,7 @@ class InferenceWorker:
     async def run(self) -> None:
         await self.chunks.start()
         await self.finals.start()
-        worker = self
-
-        class Listener(ConsumerRebalanceListener):
-            async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-                await worker.revoke(set(revoked))
-
-            async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-                await worker.restore(set(assigned))
-                log.info("assigned %s", sorted(tp.partition for tp in assigned))
-
-        self.consumer.raw.subscribe([self.catalog.decisions(self.config.model)], listener=Listener())
+        self.stage.subscribe([self.catalog.decisions(self.config.model)], on_revoked=self.abort_revoked)
         await self.consumer.start()
         loop = asyncio.get_running_loop()
         thread = threading.Thread(target=self._engine_thread, args=(loop,), name="engine", daemon=True)

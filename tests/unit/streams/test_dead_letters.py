@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from core.errors import ValidationError
+from streams.consumed import Consumed
 from streams.contracts import InferenceRequest
 from streams.dlq import DeadLetters
 from tests.factories import samples
@@ -30,10 +31,25 @@ async def test_dead_letter_carries_the_envelope(typed):
     event = samples()["InferenceRequest"]
     if typed:
         event = msgspec.convert(event | {"event_time": 1}, InferenceRequest)
-    await letters.publish(topic="flywheel.requests", partition=2, offset=7, key=b"user-1", value=b"\x00bad",
-                          headers=[("traceparent", b"x")], error=ValidationError("max_tokens=0"), event=event)
+    received = Consumed("flywheel.requests", 2, 7, b"user-1", b"\x00bad", (("traceparent", b"x"),))
+    await letters.publish(received, ValidationError("max_tokens=0"), event)
     [(topic, record, key)] = producer.sent
     assert topic == "flywheel.dlq.router" and key == b"user-1"
     assert (record["correlation_id"], record["tenant_id"], record["user_id"]) == ("req-1", "tenant-a", "user-1")
     assert record["reason"] == "max_tokens=0" and record["error_type"] == "ValidationError"
     assert (record["origin_topic"], record["origin_partition"], record["origin_offset"]) == ("flywheel.requests", 2, 7)
+    assert record["origin_value"] == b"\x00bad" and record["origin_headers"] == [{"key": "traceparent", "value": b"x"}]
+
+
+async def test_a_consumed_record_is_taken_as_it_was_on_the_broker():
+    class Message:  # the shape of aiokafka's ConsumerRecord and faust's Message
+        topic, partition, offset, key, value, headers = "t", 1, 9, None, b"v", [("h", b"1")]
+
+    assert Consumed.of(Message()) == Consumed("t", 1, 9, None, b"v", (("h", b"1"),))
+
+
+def test_mapping_headers_are_kept_as_pairs():
+    class FaustMessage:
+        topic, partition, offset, key, value, headers = "t", 0, 1, b"k", b"v", {"traceparent": b"x"}
+
+    assert Consumed.of(FaustMessage()).headers == (("traceparent", b"x"),)
