@@ -77,7 +77,7 @@ async def shown(store: RewarderStore, rid: str, prompt: str, answer: str, rollou
 async def teach(store: RewarderStore, n: int, rng: np.random.Generator, honest: bool = True) -> None:
     """``n`` pairwise preferences of users who prefer the good answer (or, not ``honest``, pick at random)."""
     for i in range(n):
-        good, bad = uuid.uuid4().hex, uuid.uuid4().hex
+        good, bad = (f"{int(rng.integers(1 << 62)):016x}" for _ in range(2))  # seeded: held-out split by id hash
         await shown(store, good, f"question {i}", f"a good answer {i}")
         await shown(store, bad, f"question {i}", f"a poor answer {i}")
         good_first = bool(rng.random() < 0.5)
@@ -119,7 +119,9 @@ async def test_it_learns_scores_only_unrated_rollouts_and_resumes_exactly(servic
     rewards = {e["request_id"]: e for e in producer.sent}
     assert set(rewards) == {"rollout-good", "rollout-bad"}  # the rated rollout has its user's reward
     assert {e["source"] for e in rewards.values()} == {"reward_model"}
-    assert rewards["rollout-good"]["reward"] > 0 > rewards["rollout-bad"]["reward"]
+    # Pairwise preferences fix score differences, not levels (Bradley-Terry is shift-invariant),
+    # so what they teach is the order of the two answers, not the sign of either reward.
+    assert rewards["rollout-good"]["reward"] > rewards["rollout-bad"]["reward"]
     assert await learner.score_expired(producer) == 0 and len(producer.sent) == 2  # each rollout once
 
     await teach(store, 30, np.random.default_rng(1))  # after the snapshot: a restart replays these
