@@ -177,8 +177,14 @@ class Node:
 
 
 def _cluster_id() -> str:
-    """A KRaft cluster id: base64url of 16 random bytes, unpadded (what StorageTool random-uuid prints)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id: base64url of 16 random bytes, unpadded (what StorageTool random-uuid prints).
+
+    Never one that starts with "-" (1 in 64 would): StorageTool reads ``-t -abc...`` as an option
+    and refuses to format. Kafka's own ``Uuid.randomUuid`` draws again for the same reason."""
+    while True:
+        candidate = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not candidate.startswith("-"):
+            return candidate
 
 
 class LocalKafka:

@@ -49,3 +49,12 @@ def test_the_node_count_comes_back_from_the_state_file(tmp_path):
 def test_invalid_cluster_requests_are_refused(tmp_path):
     with pytest.raises(ValueError, match="brokers=0"):
         LocalKafka(tmp_path, brokers=0)
+
+
+def test_cluster_ids_never_start_with_a_dash():
+    """StorageTool would read ``-t -abc...`` as an option and refuse to format (1 id in 64 did)."""
+    from infra.localkafka import _cluster_id
+
+    ids = [_cluster_id() for _ in range(3000)]
+    assert not any(i.startswith("-") for i in ids)
+    assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)
