@@ -36,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
         assert console is not None
         console.print(summary_table(demo.stats.snapshot(), "Flywheel demo: summary"))
         moved = {m: round(r - result["elo_start"].get(m, 1000.0), 1) for m, r in result["elo"].items()}
-        console.print(f"ELO moved by {moved}; supervisor restarts: {result['restarts']}")
+        console.print(f"router ratings moved by {moved}; supervisor restarts: {result['restarts']}")
     return 0

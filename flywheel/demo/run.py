@@ -96,7 +96,7 @@ def summary_table(snapshot: dict[str, Any], title: str) -> Table:
         share = snapshot["routing_shares"].get(model, 0.0)
         table.add_row(f"served by {model}", f"{count} (routed {100 * share:.0f}%)")
     for model, rating in sorted(snapshot["elo"].items()):
-        table.add_row(f"ELO {model}", f"{rating:.1f}")
+        table.add_row(f"router rating {model}", f"{rating:.2f}")
     table.add_row("feedback events", str(snapshot["feedback"]))
     table.add_row("adapters published", str(snapshot["adapters_published"]))
     table.add_row("trainer steps", str(snapshot["trainer_steps"]))
