@@ -1,6 +1,6 @@
 """The router agent (default ranker: local quality with bounded exploration; Eagle on request).
 
-    requests --(faust agent: validate -> embed -> rank once -> decision)--> decisions.<model>
+    requests --(stage loop: validate -> embed -> rank once -> decision)--> decisions.<model>
     feedback --(global reader, journalled in Postgres)--> ratings
     heartbeats --(global reader)--> which models have a healthy worker
 
@@ -17,42 +17,39 @@ instead of being routed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import faust
+import asyncpg
 import numpy as np
+import torch
 from aiokafka import AIOKafkaConsumer
 
-from agents.base import (
-    FaustSink,
-    crash_process_on_error,
-    decode,
-    exits_on_error,
-    make_app,
-    raw_topic,
-    run_agent_process,
-)
 from agents.router_feedback import FeedbackApplier, load_state, prompt_key
 from core.catalog import CATALOG, ModelSpec
 from core.embedding import get_embedder
-from core.errors import DeadLetterError
+from core.errors import DeadLetterError, RetriableError
 from core.routing.budget import RouteChoice
 from core.routing.eagle import EagleConfig
 from core.routing.local_quality import LocalQualityConfig, LocalQualityRanker
 from core.routing.state import RouterConfig, algorithm_of
 from core.slo import SloCheck
 from core.validation import RequestLimits, validate_request
-from infra.connect import Services
+from infra.connect import Services, connect
+from infra.metrics import start_metrics
+from infra.runtime import run_async, setup_logging
 from infra.settings import Settings
 from infra.telemetry import REQUESTS_ROUTED, ROUTING_SECONDS
-from streams.consumed import Consumed
 from streams.dlq import DeadLetters
 from streams.events import envelope, event_time_ms, prompt_text
-from streams.tracing import process_context
+from streams.kafka import EventConsumer, EventProducer, Received, fetch_committed
+from streams.stage_loop import Output, StageConfig, StageLoop
+from streams.tracing import process_context, setup_tracing
 
 log = logging.getLogger(__name__)
 ROUTER_CONFIG: RouterConfig = LocalQualityConfig()
@@ -238,55 +235,116 @@ class Router:
             "ON CONFLICT (request_id) DO NOTHING", items)
 
 
-def build(services: Services) -> faust.App:
-    app = make_app("router", services)
-    sink = FaustSink(app, services)
-    dlq = DeadLetters(sink, services.catalog.dlq("router"), "router")  # type: ignore[arg-type]
-    router = Router(services)
-    stop = asyncio.Event()
-    catalog = services.catalog
+class RouterStage:
+    """The router process: requests -> decisions on the shared stage loop, beside its readers.
 
-    @app.task
-    async def start_readers() -> None:
-        for task in await router.start(dlq, stop):
-            task.add_done_callback(crash_process_on_error)
+    Each fetched batch (up to ``max_records`` requests) is validated (a bad request becomes a dead
+    letter with the reason), embedded in one call, its embeddings stored in one statement, and
+    ranked; its decisions (or refusals) and the offsets they finish commit in ONE transaction on
+    Apache Kafka. Committing per batch, not on a timer, is what keeps the router hop short: faust's
+    periodic exactly-once commit held every decision back for 0.5 to 1.2 s (docs/bench/request-plane.md).
+    A Postgres outage is retried (``RetriableError``); any other error ends the process without
+    committing, for the supervisor to restart it (the batch is re-read).
+    """
 
-    @app.agent(raw_topic(app, catalog.requests), name="route-requests")
-    @exits_on_error
-    async def route_requests(stream: Any) -> None:
-        async for events in stream.take_events(16, within=0.02):
-            batch = []
-            for event in events:
-                request = await decode(services, event, dlq)
-                if request is None:
-                    continue
-                try:
-                    validate_request(request, router.limits)
-                    batch.append((event, request))
-                except DeadLetterError as exc:
-                    await dlq.publish(Consumed.of(event.message), exc, request)
-            if not batch:
+    def __init__(self, services: Services, config: StageConfig | None = None) -> None:
+        self.s = services
+        self.catalog = services.catalog
+        self.router = Router(services)
+        self.group = f"{services.settings.topic_prefix}flywheel-router"
+        self.consumer = EventConsumer(services.kafka, services.serde, [], group_id=self.group,
+                                      capabilities=services.capabilities)
+        # One transactional id per router instance: a restarted router fences its predecessor.
+        self.producer = EventProducer(services.kafka, services.serde, services.capabilities,
+                                      transactional_id=f"{self.group}-{services.settings.router_instance}")
+        self.plain = EventProducer(services.kafka, services.serde, services.capabilities)
+        self.dlq = DeadLetters(self.plain, self.catalog.dlq("router"), "router")
+        self.stage = StageLoop(self.consumer, self.producer, self.dlq, self.group,
+                               config or StageConfig("router", batch_timeout_ms=50, max_records=64),
+                               committed=lambda tps: fetch_committed(services.kafka, self.group, tps))
+        self.stop = asyncio.Event()
+
+    async def handle(self, batch: list[Received]) -> list[Output]:
+        """Route one batch: validate each request, embed them together, rank each once."""
+        valid: list[tuple[Received, dict[str, Any]]] = []
+        for item in batch:
+            request = item.event
+            assert request is not None  # the loop dead-letters undecodable records before us
+            try:
+                validate_request(request, self.router.limits)
+            except DeadLetterError as exc:
+                await self.stage.dead_letter(item, exc)
                 continue
-            await router.ready.wait()
-            started = time.perf_counter()
-            texts = [prompt_text(r) for _, r in batch]
-            vectors = router.embedder.embed(texts)
-            await router.remember_embeddings([(r["request_id"], prompt_key(t), v)
-                                              for (_, r), t, v in zip(batch, texts, vectors, strict=True)])
-            for (event, request), vector in zip(batch, vectors, strict=True):
-                m = event.message
-                with process_context(m.topic, list(m.headers or []), m.partition, m.offset):
-                    out = await router.route(request, vector)
-                    if "candidates" in out:
-                        await sink.send(catalog.decisions(out["model"]), out, key=request["request_id"])
-                        REQUESTS_ROUTED.labels(out["model"], out["reason"].split(":")[0][:40]).inc()
-                    else:
-                        await sink.send(catalog.responses, out, key=request["request_id"])
-                        REQUESTS_ROUTED.labels("none", "refused").inc()
-            ROUTING_SECONDS.observe((time.perf_counter() - started) / len(batch))
+            valid.append((item, request))
+        if not valid:
+            return []
+        started = time.perf_counter()
+        texts = [prompt_text(r) for _, r in valid]
+        vectors = self.router.embedder.embed(texts)
+        try:
+            await self.router.remember_embeddings([(r["request_id"], prompt_key(t), v)
+                                                   for (_, r), t, v in zip(valid, texts, vectors, strict=True)])
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise RetriableError(f"cannot store the prompt embeddings: {exc}") from exc
+        outputs = []
+        for (item, request), vector in zip(valid, vectors, strict=True):
+            r = item.record
+            with process_context(r.topic, item.headers, r.partition, r.offset, self.group):
+                out = await self.router.route(request, vector)
+            if "candidates" in out:
+                outputs.append(Output(self.catalog.decisions(out["model"]), out, request["request_id"], item))
+                REQUESTS_ROUTED.labels(out["model"], out["reason"].split(":")[0][:40]).inc()
+            else:
+                outputs.append(Output(self.catalog.responses, out, request["request_id"], item))
+                REQUESTS_ROUTED.labels("none", "refused").inc()
+        ROUTING_SECONDS.observe((time.perf_counter() - started) / len(valid))
+        return outputs
 
-    return app
+    async def run(self) -> None:
+        await self.plain.start()
+        await self.producer.start()
+        readers = await self.router.start(self.dlq, self.stop)  # ratings loaded before the first request
+        self.stage.subscribe([self.catalog.requests])
+        await self.consumer.start()
+        loop = asyncio.create_task(self.stage.run(self.handle, self.stop), name="router-requests")
+        try:
+            # The readers (feedback, heartbeats) are part of the router: if one fails, the process
+            # fails and its supervisor restarts it, rather than routing on frozen ratings.
+            stopper = asyncio.create_task(self.stop.wait())
+            done, _ = await asyncio.wait([loop, *readers, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            self.stop.set()
+            for task in (loop, *readers):
+                task.cancel()
+            await asyncio.gather(loop, *readers, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+            await self.producer.stop()
+            await self.plain.stop()
 
 
 def main(settings: Settings) -> int:
-    return run_agent_process("router", settings, build)
+    """``flywheel router``: run the router on uvloop until SIGINT or SIGTERM."""
+    setup_logging(settings.log_level)
+    # Intra-op threads only help MiniLM on an idle machine; beside workers they wait on each other
+    # (docs/bench/request-plane.md measured one prompt at 35 ms on 1 thread, 408 ms on 2).
+    torch.set_num_threads(settings.router_threads)
+    setup_tracing("flywheel-router", settings.otlp_endpoint, sample_ratio=settings.trace_sample_ratio)
+    start_metrics(settings.metrics_port, "router", settings.metrics_host)
+
+    async def run() -> None:
+        services = await connect(settings, "flywheel-router")
+        stage = RouterStage(services)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stage.stop.set)
+        try:
+            await stage.run()
+        finally:
+            await services.close()
+
+    run_async(run())
+    return 0

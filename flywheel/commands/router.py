@@ -1,4 +1,4 @@
-"""``flywheel router``: run the Eagle router agent."""
+"""``flywheel router``: run the router (requests -> routing decisions; FLYWHEEL_ROUTER_ALGORITHM picks the rule)."""
 
 from __future__ import annotations
 

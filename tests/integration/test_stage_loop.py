@@ -180,10 +180,15 @@ async def test_a_consumer_joining_mid_batch_loses_and_doubles_nothing(services, 
     a, a_consumer, a_producer, _ = in_process_stage(services, topics, "a", revoked_a)
     b, b_consumer, b_producer, _ = in_process_stage(services, topics, "b", [])
     handled: dict[str, Counter[str]] = {"a": Counter(), "b": Counter()}
+    b_joining = asyncio.Event()
 
     def slow_echo(name: str):
         async def handle(batch: list[Received]) -> list[Output]:
-            await asyncio.sleep(0.1)  # a batch is mid-way when the second consumer joins
+            # A batch is mid-way when the second consumer joins. Until the rebalance revokes its
+            # partitions, the first consumer slows down so that it cannot finish the whole input
+            # alone on a loaded machine (the join takes a heartbeat or more).
+            slow = name == "a" and b_joining.is_set() and not any(revoked_a)
+            await asyncio.sleep(0.5 if slow else 0.1)
             handled[name].update(i.event["request_id"] for i in batch if i.event)
             return [Output(topics.output, i.event, i.event["request_id"], i) for i in batch if i.event]
         return handle
@@ -195,6 +200,7 @@ async def test_a_consumer_joining_mid_batch_loses_and_doubles_nothing(services, 
     running = [asyncio.create_task(a.run(slow_echo("a"), stop))]
     try:
         await wait_for_outputs(services, topics.output, 30)
+        b_joining.set()
         await b_consumer.start()
         running.append(asyncio.create_task(b.run(slow_echo("b"), stop)))
         found = await wait_for_outputs(services, topics.output, len(ids))
