@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ from core.routing.local_quality import LocalQualityConfig, LocalQualityRanker
 from core.routing.state import RouterConfig, algorithm_of
 from core.slo import SloCheck
 from core.validation import RequestLimits, validate_request
-from infra.connect import Services, connect
+from infra.connect import Services, run_until_stopped
 from infra.metrics import start_metrics
 from infra.runtime import run_async, setup_logging
 from infra.settings import Settings
@@ -335,16 +334,5 @@ def main(settings: Settings) -> int:
     setup_tracing("flywheel-router", settings.otlp_endpoint, sample_ratio=settings.trace_sample_ratio)
     start_metrics(settings.metrics_port, "router", settings.metrics_host)
 
-    async def run() -> None:
-        services = await connect(settings, "flywheel-router")
-        stage = RouterStage(services)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stage.stop.set)
-        try:
-            await stage.run()
-        finally:
-            await services.close()
-
-    run_async(run())
+    run_async(run_until_stopped(settings, "flywheel-router", RouterStage))
     return 0

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
@@ -134,3 +135,25 @@ async def connect(settings: Settings, client_id: str, *, run_migrations: bool = 
     for spec in catalog.specs():
         await serde.bind(spec.name, contracts[spec.contract])
     return Services(settings, kafka, caps, pool, registry, serde, catalog)
+
+
+class Stoppable(Protocol):
+    """A long-running stage: ``run()`` returns once ``stop`` is set."""
+
+    stop: asyncio.Event
+
+    async def run(self) -> None: ...
+
+
+async def run_until_stopped(settings: Settings, client_id: str, build: Callable[[Services], Stoppable]) -> None:
+    """Connect, build the process's stage on those services, run it until SIGINT or SIGTERM sets
+    its ``stop`` event (it then finishes its batch and returns), and close the connections."""
+    services = await connect(settings, client_id)
+    stage = build(services)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stage.stop.set)
+    try:
+        await stage.run()
+    finally:
+        await services.close()

@@ -9,17 +9,15 @@ GPU worker to its devices; a replica over several GPUs runs vLLM with
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import signal
 from typing import Any
 
 from core.catalog import get_model
 from core.scheduling.calibration import prior_cost
 from core.scheduling.kv import KvBudget
 from core.scheduling.policies import SchedulerConfig
-from infra.connect import connect
+from infra.connect import Services, run_until_stopped
 from infra.metrics import start_metrics
 from infra.runtime import run_async, setup_logging
 from infra.settings import Settings
@@ -100,17 +98,9 @@ def serve(settings: Settings, model: str, worker_id: str, policy: str, engine: s
              model, policy, built.device_name, config.scheduler.kv.total_blocks, config.scheduler.kv.block_tokens,
              config.scheduler.preemption)
 
-    async def main() -> None:
-        services = await connect(settings, f"flywheel-worker-{worker_id}")
-        worker = InferenceWorker(services, serving, WorkerConfig(model, worker_id, rollout_sample=rollout_sample,
-                                                                  reroute=settings.worker_reroute))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, worker.stop.set)
-        try:
-            await worker.run()
-        finally:
-            await services.close()
+    def build(services: Services) -> InferenceWorker:
+        return InferenceWorker(services, serving, WorkerConfig(model, worker_id, rollout_sample=rollout_sample,
+                                                               reroute=settings.worker_reroute))
 
-    run_async(main())
+    run_async(run_until_stopped(settings, f"flywheel-worker-{worker_id}", build))
     return 0

@@ -13,11 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-    import signal
 
     from core.rlhf.buffer import OffPolicyConfig
-    from infra.connect import connect
+    from infra.connect import Services, run_until_stopped
     from infra.metrics import start_metrics
     from infra.runtime import run_async, setup_logging
     from streams.tracing import setup_tracing
@@ -52,19 +50,11 @@ def run(args: argparse.Namespace) -> int:
     )
     trainer = LiveTrainer.start(config)  # the ranks load the model and the fused schedule is planned
 
-    async def main() -> None:
-        services = await connect(settings, "flywheel-trainer")
-        service = TrainerService(services, trainer, TrainerServiceConfig(model=settings.trainer_model))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, service.stop.set)
-        try:
-            await service.run()
-        finally:
-            await services.close()
+    def build(services: Services) -> TrainerService:
+        return TrainerService(services, trainer, TrainerServiceConfig(model=settings.trainer_model))
 
     try:
-        run_async(main())
+        run_async(run_until_stopped(settings, "flywheel-trainer", build))
     finally:
         trainer.close()
     return 0
