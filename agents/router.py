@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,9 +254,11 @@ class RouterStage:
         self.group = f"{services.settings.topic_prefix}flywheel-router"
         self.consumer = EventConsumer(services.kafka, services.serde, [], group_id=self.group,
                                       capabilities=services.capabilities)
-        # One transactional id per router instance: a restarted router fences its predecessor.
+        # One transactional id per router instance: a restarted router fences its predecessor, and
+        # replicas (one per host or container by default) never fence each other.
+        instance = services.settings.router_instance or socket.gethostname()
         self.producer = EventProducer(services.kafka, services.serde, services.capabilities,
-                                      transactional_id=f"{self.group}-{services.settings.router_instance}")
+                                      transactional_id=f"{self.group}-{instance}")
         self.plain = EventProducer(services.kafka, services.serde, services.capabilities)
         self.dlq = DeadLetters(self.plain, self.catalog.dlq("router"), "router")
         self.stage = StageLoop(self.consumer, self.producer, self.dlq, self.group,

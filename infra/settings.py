@@ -74,8 +74,10 @@ class Settings(BaseSettings):
     router_algorithm: Literal["local_quality", "eagle"] = Field(
         default="local_quality", description="the live ranking rule (docs/ROUTING.md): local quality with bounded "
                                              "exploration, or Eagle's global + local ELO")
-    router_instance: str = Field(default="0", description="this router process's name within its deployment "
-                                                          "(its transactional id); distinct per router process")
+    router_instance: str = Field(default="", description="this router process's name within its deployment (its "
+                                                         "transactional id); distinct per router process on one "
+                                                         "host; empty: the host name (one router per host or "
+                                                         "container)")
     router_threads: int = Field(default=1, ge=1, description="torch threads of the router's prompt embedding; one "
                                                             "is fastest beside other processes (a contended "
                                                             "second thread made one embedding 12x slower)")
