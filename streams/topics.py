@@ -21,7 +21,8 @@ import logging
 from dataclasses import dataclass, field, replace
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from core.catalog import CATALOG
 from core.errors import FatalError, RetriableError
@@ -157,6 +158,7 @@ async def ensure_topics(admin: AIOKafkaAdminClient, specs: list[TopicSpec], repl
         raise RetriableError(f"cannot list topics: {exc}") from exc
     missing = [s for s in specs if s.name not in existing]
     if not missing:
+        await wait_for_topics(admin, [s.name for s in specs])  # another process may have just created them
         return []
     durability = {"min.insync.replicas": "2"} if replication_factor >= 3 else {}
     new = [
@@ -167,6 +169,7 @@ async def ensure_topics(admin: AIOKafkaAdminClient, specs: list[TopicSpec], repl
     try:
         response = await admin.create_topics(new)
     except TopicAlreadyExistsError:
+        await wait_for_topics(admin, [s.name for s in specs])
         return []
     created: list[str] = []
     for name, code, message in _topic_errors(response):
@@ -181,16 +184,41 @@ async def ensure_topics(admin: AIOKafkaAdminClient, specs: list[TopicSpec], repl
 
 
 async def wait_for_topics(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float = 30.0) -> None:
-    """Block until the broker's metadata lists every topic (KRaft propagates creation asynchronously)."""
+    """Block until EVERY broker's metadata lists every topic with a leader for each partition.
+
+    KRaft propagates a creation to the brokers asynchronously, and a client takes its metadata from
+    whichever broker it picks: on a cluster, a reader started right after creation could otherwise
+    ask a broker that does not know the topic yet (aiokafka then refuses to start a group-less
+    consumer with UnknownTopicOrPartitionError)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
         missing = set(names) - set(await admin.list_topics())
         if not missing:
+            missing = await _unseen_by_some_broker(admin, names)
+        if not missing:
             return
         if loop.time() > deadline:
-            raise RetriableError(f"topics not visible after {timeout_s:.0f}s: {sorted(missing)}")
+            raise RetriableError(f"topics not visible on every broker after {timeout_s:.0f}s: {sorted(missing)}")
         await asyncio.sleep(0.1)
+
+
+async def _unseen_by_some_broker(admin: AIOKafkaAdminClient, names: list[str]) -> set[str]:
+    """The topics that some broker's metadata lacks, or lists without a leader for a partition."""
+    client = admin._client  # the admin's connections: aiokafka has no public per-broker metadata call
+    unseen: set[str] = set()
+    for broker in client.cluster.brokers():
+        try:
+            response = await client.send(broker.nodeId, MetadataRequest(list(names)))
+        except KafkaError:
+            return set(names)  # a broker that cannot answer yet has not caught up either
+        for topic in response.topics:
+            # (error_code, name, [is_internal,] partitions) in every version aiokafka speaks;
+            # a partition is (error_code, id, leader, ...).
+            error_code, name, partitions = topic[0], topic[1], topic[-1]
+            if error_code != 0 or not partitions or any(p[2] < 0 for p in partitions):
+                unseen.add(name)
+    return unseen
 
 
 def _topic_errors(response: object) -> list[tuple[str, int, str | None]]:
