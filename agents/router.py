@@ -125,13 +125,11 @@ class Router:
                         else f"local_quality-n{c.neighbours}-c{'.'.join(map(str, c.clusters))}-h{c.horizon}"
                         f"-e{c.explore_share:g}")
         self.applier: FeedbackApplier | None = None
-        self.ready = asyncio.Event()
 
     async def start(self, dlq: DeadLetters, stop: asyncio.Event) -> list[asyncio.Task[None]]:
         name = journal_name(self.services, self.config)
         state, offset = await load_state(self.services.pool, name, self.config, self.models)
         self.applier = FeedbackApplier(self.services, state, offset, name, self.embedder, dlq)
-        self.ready.set()
         tasks = [asyncio.create_task(self._follow_heartbeats(stop), name="router-heartbeats")]
         if self.services.settings.router_learn:
             tasks.append(asyncio.create_task(self.applier.run(stop), name="router-feedback"))
@@ -248,7 +246,6 @@ class RouterStage:
     """
 
     def __init__(self, services: Services, config: StageConfig | None = None) -> None:
-        self.s = services
         self.catalog = services.catalog
         self.router = Router(services)
         self.group = f"{services.settings.topic_prefix}flywheel-router"

@@ -209,7 +209,8 @@ async def _unseen_by_some_broker(admin: AIOKafkaAdminClient, names: list[str]) -
     unseen: set[str] = set()
     for broker in client.cluster.brokers():
         try:
-            response = await client.send(broker.nodeId, MetadataRequest(list(names)))
+            # Never auto-create: this only looks (a broker with auto.create.topics.enable would).
+            response = await client.send(broker.nodeId, MetadataRequest(list(names), allow_auto_topic_creation=False))
         except KafkaError:
             return set(names)  # a broker that cannot answer yet has not caught up either
         for topic in response.topics:
